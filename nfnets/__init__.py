@@ -1,0 +1,4 @@
+"""nfnets: Normalizer-Free Networks (NFNets, NF-ResNets, NF-RegNets) in JAX/Haiku."""
+__version__ = '0.1.0'
+
+from nfnets import models  # noqa: F401

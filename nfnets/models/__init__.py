@@ -1,0 +1,17 @@
+"""Normalizer-free model families in Haiku.
+
+>>> import nfnets.models as models
+>>> model_fn = models.forward_fn('F0', num_classes=1000)
+>>> models.get_variant('F0').train_size
+192
+"""
+from nfnets.models.flops import count_flops
+from nfnets.models.layers import (ACTIVATION_GAMMAS, Linear, SqueezeExcite,
+                                  WSConv2D, activation_names, get_activation,
+                                  stochastic_depth)
+from nfnets.models.nf_regnet import NFRegNet
+from nfnets.models.nf_resnet import NFResNet
+from nfnets.models.nfnet import NFBlock, NFNet
+from nfnets.models.registry import (build, count_params, forward_fn,
+                                    get_variant, param_shapes, variants)
+from nfnets.models.variants import VARIANTS, VariantSpec

@@ -1,0 +1,292 @@
+"""Building blocks shared by every normalizer-free model family.
+
+All modules create their parameters in float32, whatever the dtype of their
+input, and compute in the dtype of their input. Feed bfloat16 images to get
+bfloat16 compute with float32 master weights (the fix for the original
+release, which created bfloat16 parameters when bf16 was on).
+"""
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+# Gamma constants: scale so that gamma * act(x) has unit second moment for
+# x ~ N(0, 1) (Brock et al. 2021a, appendix; values from the public release).
+ACTIVATION_GAMMAS = {
+    'identity': 1.0,
+    'celu': 1.270926833152771,
+    'elu': 1.2716004848480225,
+    'gelu': 1.7015043497085571,
+    'glu': 1.8484294414520264,
+    'leaky_relu': 1.70590341091156,
+    'log_sigmoid': 1.9193484783172607,
+    'relu': 1.7139588594436646,
+    'relu6': 1.7131484746932983,
+    'selu': 1.0008515119552612,
+    'sigmoid': 4.803835391998291,
+    'silu': 1.7881293296813965,
+    'soft_sign': 2.338853120803833,
+    'softplus': 1.9203323125839233,
+    'tanh': 1.5939117670059204,
+}
+# 'swish' is the same function as 'silu' (the release's NF-RegNet default name,
+# which its table lacked).
+_ALIASES = {'swish': 'silu'}
+
+_BASE_FNS = {
+    'identity': lambda x: x,
+    'celu': jax.nn.celu,
+    'elu': jax.nn.elu,
+    'gelu': jax.nn.gelu,  # tanh approximation (jax default), as in the release.
+    'glu': jax.nn.glu,
+    'leaky_relu': jax.nn.leaky_relu,
+    'log_sigmoid': jax.nn.log_sigmoid,
+    'relu': jax.nn.relu,
+    'relu6': jax.nn.relu6,
+    'selu': jax.nn.selu,
+    'sigmoid': jax.nn.sigmoid,
+    'silu': jax.nn.silu,
+    'soft_sign': jax.nn.soft_sign,
+    'softplus': jax.nn.softplus,
+    'tanh': jnp.tanh,
+}
+
+
+def activation_names() -> Sequence[str]:
+  return sorted(list(_BASE_FNS) + list(_ALIASES))
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """Returns the gamma-scaled nonlinearity `gamma * act(x)` called `name`."""
+  key = _ALIASES.get(name, name)
+  if key not in _BASE_FNS:
+    raise ValueError(f'Unknown activation {name!r}; choose one of '
+                     f'{", ".join(activation_names())}.')
+  fn, gamma = _BASE_FNS[key], ACTIVATION_GAMMAS[key]
+
+  def scaled(x):
+    return fn(x) * jnp.asarray(gamma, x.dtype)
+
+  scaled.__name__ = f'scaled_{key}'
+  return scaled
+
+
+def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
+  return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def group_conv_impl_default() -> str:
+  """'split' on CPU (XLA:CPU grouped convs are ~10x slower than dense ones,
+  see PAPER.md), 'native' elsewhere."""
+  return 'split' if jax.default_backend() == 'cpu' else 'native'
+
+
+class WSConv2D(hk.Module):
+  """2-D convolution with scaled weight standardisation (NHWC, HWIO kernel).
+
+  w_hat = gain * (w - mean(w)) / sqrt(max(var(w) * fan_in, eps)), with mean
+  and variance per output channel over (H, W, I) and fan_in = H * W * I.
+  The standardisation runs in float32; the conv runs in the input's dtype.
+
+  Args:
+    output_channels: number of output channels.
+    kernel_shape: kernel size (int or (kh, kw)).
+    stride: stride (int or pair).
+    padding: 'SAME' or 'VALID'.
+    feature_group_count: number of groups (grouped convolution).
+    eps: floor of var * fan_in (1e-4 in the release).
+    group_conv_impl: 'native' (one grouped XLA conv), 'split' (one dense conv
+      per group; same maths and parameter), or None for the backend default.
+    name: module name.
+  """
+
+  def __init__(self,
+               output_channels: int,
+               kernel_shape: Union[int, Sequence[int]] = 3,
+               stride: Union[int, Sequence[int]] = 1,
+               padding: str = 'SAME',
+               feature_group_count: int = 1,
+               eps: float = 1e-4,
+               group_conv_impl: Optional[str] = None,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    if group_conv_impl not in (None, 'native', 'split'):
+      raise ValueError(f'group_conv_impl must be None, "native" or "split", '
+                       f'got {group_conv_impl!r}.')
+    self.output_channels = output_channels
+    self.kernel_shape = _pair(kernel_shape)
+    self.stride = _pair(stride)
+    self.padding = padding
+    self.feature_group_count = feature_group_count
+    self.eps = eps
+    self.group_conv_impl = group_conv_impl
+
+  def standardized_weight(self, in_channels: int) -> jax.Array:
+    groups = self.feature_group_count
+    if in_channels % groups or self.output_channels % groups:
+      raise ValueError(
+          f'{self.module_name}: channels in={in_channels} out='
+          f'{self.output_channels} are not divisible by {groups} groups.')
+    shape = self.kernel_shape + (in_channels // groups, self.output_channels)
+    fan_in = shape[0] * shape[1] * shape[2]
+    w = hk.get_parameter(
+        'w', shape, jnp.float32,
+        init=hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal'))
+    gain = hk.get_parameter('gain', (self.output_channels,), jnp.float32,
+                            init=jnp.ones)
+    w = w.astype(jnp.float32)
+    mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+    var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
+    scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, self.eps)) * gain
+    return (w - mean) * scale
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = self.standardized_weight(x.shape[-1]).astype(x.dtype)
+    bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32,
+                            init=jnp.zeros)
+    groups = self.feature_group_count
+    impl = self.group_conv_impl or group_conv_impl_default()
+    conv = lambda lhs, rhs, g: jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides=self.stride, padding=self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=g)
+    if groups > 1 and impl == 'split':
+      xs = jnp.split(x, groups, axis=-1)
+      ws = jnp.split(w, groups, axis=-1)
+      out = jnp.concatenate([conv(a, b, 1) for a, b in zip(xs, ws)], axis=-1)
+    else:
+      out = conv(x, w, groups)
+    return out + bias.astype(out.dtype)
+
+
+class Linear(hk.Module):
+  """Dense layer with float32 parameters 'w' [in, out] and 'b' [out].
+
+  Args:
+    output_size: number of outputs.
+    w_init: initializer of 'w' (default: variance scaling, fan_in, truncated).
+    name: module name.
+  """
+
+  def __init__(self, output_size: int,
+               w_init: Optional[hk.initializers.Initializer] = None,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.output_size = output_size
+    self.w_init = w_init
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w_init = self.w_init or hk.initializers.VarianceScaling(1.0, 'fan_in',
+                                                            'truncated_normal')
+    w = hk.get_parameter('w', (x.shape[-1], self.output_size), jnp.float32,
+                         init=w_init)
+    b = hk.get_parameter('b', (self.output_size,), jnp.float32,
+                         init=jnp.zeros)
+    return jnp.dot(x, w.astype(x.dtype)) + b.astype(x.dtype)
+
+
+class SqueezeExcite(hk.Module):
+  """Squeeze-and-excite: sigmoid(fc1(relu(fc0(mean_hw(x))))) of shape [B,1,1,C].
+
+  The caller multiplies by 2 (so that the expected gain is 1 at init).
+
+  Args:
+    in_ch: input channels.
+    out_ch: output channels.
+    se_ratio: hidden width = max(1, int(in_ch * se_ratio)).
+    name: module name ('squeeze_excite'); its layers are 'linear', 'linear_1'.
+  """
+
+  def __init__(self, in_ch: int, out_ch: int, se_ratio: float = 0.5,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.hidden_ch = max(1, int(in_ch * se_ratio))
+    self.fc0 = Linear(self.hidden_ch, name='linear')
+    self.fc1 = Linear(out_ch, name='linear_1')
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jnp.mean(x, axis=(1, 2))
+    h = self.fc1(jax.nn.relu(self.fc0(h)))
+    return jax.nn.sigmoid(h)[:, None, None, :]
+
+
+def stochastic_depth(x: jax.Array, drop_rate: float,
+                     is_training: bool) -> jax.Array:
+  """Drops whole residual branches per example ([B,1,1,1] Bernoulli mask).
+
+  As in the release the kept branches are *not* rescaled by 1/keep_prob.
+  Needs an hk rng key when is_training and drop_rate > 0.
+  """
+  if not is_training or drop_rate <= 0.0:
+    return x
+  keep_prob = 1.0 - drop_rate
+  r = jax.random.uniform(hk.next_rng_key(), (x.shape[0], 1, 1, 1), jnp.float32)
+  mask = jnp.floor(keep_prob + r).astype(x.dtype)
+  return x * mask
+
+
+def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
+  if not is_training or rate <= 0.0:
+    return x
+  return hk.dropout(hk.next_rng_key(), rate, x)
+
+
+class BlockSlot(NamedTuple):
+  """Where a residual block sits and how its input is scaled."""
+  index: int             # 0-based over the whole network.
+  stage: int             # 0-based stage.
+  first_in_stage: bool   # transition block (stride / channel change).
+  beta: float            # 1 / expected std of the block's input.
+  depth_fraction: float  # index / num_blocks (stochastic depth rate factor).
+
+
+def block_schedule(depth: Sequence[int], alpha: float) -> List[BlockSlot]:
+  """The signal-propagation schedule of the paper.
+
+  beta = 1 / expected_std; after each block the expected variance grows by
+  alpha^2, and it is reset to 1 after each transition block (whose shortcut
+  is a fresh projection of the normalised input).
+  """
+  slots, expected_std, index, num_blocks = [], 1.0, 0, sum(depth)
+  for stage, stage_depth in enumerate(depth):
+    for block_index in range(stage_depth):
+      slots.append(BlockSlot(index, stage, block_index == 0,
+                             1.0 / expected_std, index / num_blocks))
+      index += 1
+      if block_index == 0:
+        expected_std = 1.0
+      expected_std = (expected_std ** 2 + alpha ** 2) ** 0.5
+  return slots
+
+
+def block_stats(x: jax.Array) -> Dict[str, jax.Array]:
+  """Signal-propagation statistics of an NHWC activation (the paper's SPP):
+  channel-averaged squared channel mean and channel variance (moments over
+  batch and space)."""
+  x = x.astype(jnp.float32)
+  return {'avg_sq_mean': jnp.mean(jnp.mean(x, axis=(0, 1, 2)) ** 2),
+          'avg_var': jnp.mean(jnp.var(x, axis=(0, 1, 2)))}
+
+
+def run_blocks(blocks, x: jax.Array, is_training: bool, return_metrics: bool,
+               outputs: Dict[str, jax.Array]) -> jax.Array:
+  """Applies residual blocks in order; with return_metrics, records each
+  block's residual variance and output statistics into `outputs`."""
+  for i, block in enumerate(blocks):
+    x, res_avg_var = block(x, is_training)
+    if return_metrics:
+      outputs[f'block_{i}/res_avg_var'] = res_avg_var
+      for k, v in block_stats(x).items():
+        outputs[f'block_{i}/{k}'] = v
+  return x
+
+
+def pool_and_classify(features: jax.Array, fc: 'Linear', drop_rate: float,
+                      is_training: bool,
+                      outputs: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+  """Global mean pool -> dropout -> classifier; logits in float32."""
+  pool = jnp.mean(features, axis=(1, 2))
+  outputs['pool'] = pool
+  pool = dropout(pool, drop_rate, is_training)
+  outputs['logits'] = fc(pool).astype(jnp.float32)
+  return outputs

@@ -1,0 +1,133 @@
+"""NF-RegNets (Brock et al. 2021a, arXiv 2101.08692, section 5) in Haiku.
+
+RegNetY-style networks built from inverted bottlenecks (1x1 expand by 2.25,
+grouped 3x3 with group width 8, squeeze-excite, 1x1 project) with the
+normalizer-free ingredients, and an EfficientNet-like head (1x1 conv to
+1280 * last_width / 440 channels). Widths/depths/image sizes from the table in
+nfnets.models.variants, all scaled by the width factor 0.75. No released weights exist to verify parameter counts
+against; the block follows the paper's description.
+"""
+from typing import Dict, Optional, Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nfnets.models import layers
+from nfnets.models.nfnet import bottleneck_width
+from nfnets.models.variants import VARIANTS
+
+
+class NFRegNetBlock(hk.Module):
+  """Inverted-bottleneck NF block.
+
+  Args:
+    in_ch: input channels.
+    out_ch: output channels.
+    expansion: inner width = in_ch * expansion, rounded to groups.
+    se_ratio: squeeze-excite hidden ratio (of the inner width).
+    group_size: channels per group of the 3x3 conv (8).
+    stride: stride of the 3x3 conv (and shortcut avg-pool).
+    beta: 1 / expected std of the input.
+    alpha: residual scale.
+    activation: gamma-scaled nonlinearity.
+    stochdepth_rate: probability of dropping the residual branch.
+    name: module name.
+  """
+
+  def __init__(self, in_ch: int, out_ch: int, expansion: float = 2.25,
+               se_ratio: float = 0.5, group_size: int = 8, stride: int = 1,
+               beta: float = 1.0, alpha: float = 0.2,
+               activation=layers.get_activation('silu'),
+               stochdepth_rate: float = 0.0, name: Optional[str] = None):
+    super().__init__(name=name)
+    self.stride, self.beta, self.alpha = stride, beta, alpha
+    self.activation, self.stochdepth_rate = activation, stochdepth_rate
+    width, groups = bottleneck_width(in_ch, expansion, group_size)
+    self.conv0 = layers.WSConv2D(width, 1, name='conv0')
+    self.conv1 = layers.WSConv2D(width, 3, stride, feature_group_count=groups,
+                                 name='conv1')
+    self.se = layers.SqueezeExcite(width, width, se_ratio,
+                                   name='squeeze_excite')
+    self.conv2 = layers.WSConv2D(out_ch, 1, name='conv2')
+    self.conv_shortcut = (layers.WSConv2D(out_ch, 1, name='conv_shortcut')
+                          if stride > 1 or in_ch != out_ch else None)
+
+  def __call__(self, x: jax.Array, is_training: bool):
+    out = self.activation(x) * jnp.asarray(self.beta, x.dtype)
+    shortcut = x
+    if self.stride > 1:
+      shortcut = hk.avg_pool(out, (1, 2, 2, 1), (1, 2, 2, 1), 'SAME')
+    elif self.conv_shortcut is not None:
+      shortcut = out
+    if self.conv_shortcut is not None:
+      shortcut = self.conv_shortcut(shortcut)
+    out = self.conv0(out)
+    out = self.conv1(self.activation(out))
+    out = (self.se(out) * 2) * out
+    out = self.conv2(self.activation(out))
+    res_avg_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
+    out = layers.stochastic_depth(out, self.stochdepth_rate, is_training)
+    skip_gain = hk.get_parameter('skip_gain', (), jnp.float32, init=jnp.zeros)
+    return out * (skip_gain * self.alpha).astype(out.dtype) + shortcut, res_avg_var
+
+
+class NFRegNet(hk.Module):
+  """Normalizer-Free RegNet.
+
+  Args:
+    num_classes: classifier outputs.
+    variant: 'nf_regnet_b0'..'nf_regnet_b8'.
+    width: multiplier on the table's stage widths, stem and head (0.75, the
+      paper's RegNetY width factor).
+    depth: optional override of the blocks per stage.
+    expansion: inverted-bottleneck expansion (2.25; 1 for the first block).
+    group_size: group width of the 3x3 convs (8).
+    se_ratio: squeeze-excite ratio (0.5).
+    alpha: residual scale (0.2).
+    stochdepth_rate: final block's drop rate (linear in block index).
+    drop_rate: dropout before the classifier (None: the variant's).
+    activation: scaled nonlinearity name ('silu', a.k.a. 'swish').
+    name: top module name.
+  """
+
+  def __init__(self, num_classes: int = 1000, variant: str = 'nf_regnet_b0',
+               width: float = 0.75, depth: Optional[Sequence[int]] = None,
+               expansion: float = 2.25, group_size: int = 8,
+               se_ratio: float = 0.5, alpha: float = 0.2,
+               stochdepth_rate: float = 0.1, drop_rate: Optional[float] = None,
+               activation: str = 'silu', name: str = 'NFRegNet'):
+    super().__init__(name=name)
+    if variant not in VARIANTS or VARIANTS[variant].family != 'nf_regnet':
+      valid = [k for k, v in VARIANTS.items() if v.family == 'nf_regnet']
+      raise ValueError(f'Unknown NF-RegNet variant {variant!r}; valid: {valid}.')
+    spec = VARIANTS[variant]
+    self.spec = spec
+    self.drop_rate = spec.dropout if drop_rate is None else drop_rate
+    self.activation = layers.get_activation(activation)
+    depth = tuple(depth) if depth is not None else spec.depth
+    widths = [max(1, int(w * width)) for w in spec.width]
+    ch = max(1, int(spec.width[0] * width))
+    self.initial_conv = layers.WSConv2D(ch, 3, 2, name='initial_conv')
+    self.blocks = []
+    for b in layers.block_schedule(depth, alpha):
+      self.blocks.append(NFRegNetBlock(
+          ch, widths[b.stage], expansion=1.0 if b.index == 0 else expansion,
+          se_ratio=se_ratio, group_size=group_size,
+          stride=2 if b.first_in_stage else 1, beta=b.beta, alpha=alpha,
+          activation=self.activation,
+          stochdepth_rate=stochdepth_rate * b.depth_fraction))
+      ch = widths[b.stage]
+    self.final_conv = layers.WSConv2D(
+        max(1, int(1280 * spec.width[-1] / 440 * width)), 1, name='final_conv')
+    self.fc = layers.Linear(num_classes, w_init=jnp.zeros, name='linear')
+
+  def __call__(self, x: jax.Array, is_training: bool = True,
+               return_metrics: bool = False) -> Dict[str, jax.Array]:
+    outputs = {}
+    out = self.initial_conv(x)
+    out = layers.run_blocks(self.blocks, out, is_training, return_metrics,
+                            outputs)
+    out = self.activation(self.final_conv(out))
+    return layers.pool_and_classify(out, self.fc, self.drop_rate, is_training,
+                                    outputs)

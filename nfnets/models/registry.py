@@ -1,0 +1,84 @@
+"""One entry point for every model family: build(name, num_classes, **overrides)."""
+import difflib
+from typing import Callable, Dict, List
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfnets.models.nf_regnet import NFRegNet
+from nfnets.models.nf_resnet import NFResNet
+from nfnets.models.nfnet import NFNet
+from nfnets.models.variants import VARIANTS, VariantSpec
+
+_FAMILIES = {'nfnet': NFNet, 'nf_resnet': NFResNet, 'nf_regnet': NFRegNet}
+
+
+def variants() -> List[str]:
+  """All names accepted by `build`."""
+  return list(VARIANTS)
+
+
+def _canonical(name: str) -> str:
+  if name in VARIANTS:
+    return name
+  key = name.strip()
+  if key.upper() in VARIANTS:  # 'f0' -> 'F0', 'f3+' -> 'F3+'
+    return key.upper()
+  low = key.lower().replace('-', '_')
+  for prefix in ('nfnet_', 'nfnet'):  # 'nfnet_f0' -> 'F0'
+    if low.startswith(prefix) and low[len(prefix):].upper() in VARIANTS:
+      return low[len(prefix):].upper()
+  if low in VARIANTS:
+    return low
+  close = difflib.get_close_matches(name, list(VARIANTS), n=3)
+  hint = f' Did you mean {", ".join(close)}?' if close else ''
+  raise ValueError(f'Unknown model {name!r}.{hint} Valid names: '
+                   f'{", ".join(VARIANTS)}.')
+
+
+def get_variant(name: str) -> VariantSpec:
+  """The table row (widths, depths, image sizes, RandAugment, dropout)."""
+  return VARIANTS[_canonical(name)]
+
+
+def build(name: str, num_classes: int = 1000, **overrides) -> hk.Module:
+  """Builds the Haiku module for `name` (call inside hk.transform).
+
+  Args:
+    name: a variant name (see `variants()`), e.g. 'F0', 'F3+', 'nf_resnet50',
+      'nf_seresnet101', 'nf_regnet_b2'. Case-insensitive for F-variants.
+    num_classes: classifier outputs.
+    **overrides: keyword arguments of the family's constructor (width, depth,
+      stochdepth_rate, drop_rate, activation, group_conv_impl, ...).
+  Returns:
+    A module called as model(images, is_training) -> {'logits', 'pool', ...}.
+  """
+  spec = get_variant(name)
+  return _FAMILIES[spec.family](num_classes=num_classes, variant=spec.name,
+                                **overrides)
+
+
+def forward_fn(name: str, num_classes: int = 1000,
+               **overrides) -> hk.Transformed:
+  """hk.transform of `build(...)(images, is_training)`."""
+  def fwd(images, is_training=True, return_metrics=False):
+    return build(name, num_classes, **overrides)(images, is_training,
+                                                 return_metrics)
+  return hk.transform(fwd)
+
+
+def param_shapes(name: str, num_classes: int = 1000, image_size: int = 32,
+                 **overrides) -> Dict[str, Dict[str, jax.ShapeDtypeStruct]]:
+  """The parameter tree's shapes, without materialising any weights."""
+  fwd = forward_fn(name, num_classes, **overrides)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda k, x: fwd.init(k, x, False),
+                        jax.random.PRNGKey(0), x)
+
+
+def count_params(name: str, num_classes: int = 1000, **overrides) -> int:
+  """Number of parameters, computed with jax.eval_shape."""
+  shapes = param_shapes(name, num_classes, **overrides)
+  return int(sum(np.prod(s.shape) for s in jax.tree.leaves(shapes)))
