@@ -1,0 +1,16 @@
+"""NFNet-F2 on ImageNet with the paper's recipe (arXiv 2102.06171).
+
+  python -m nfnets.train --config=configs/f2.py --workdir=/tmp/nfnet_f2
+
+Batch 4096, 360 epochs, SGD + Nesterov, lr 0.1 x batch/256 with 5 warmup epochs
+and cosine decay, weight decay 2e-5, AGC (lambda 0.01 at batch 4096), EMA,
+label smoothing 0.1, MixUp + CutMix + RandAugment, bf16 compute. Every knob is
+listed and commented in nfnets/config.py.
+"""
+from nfnets.config import base_config
+
+
+def get_config():
+  config = base_config('F2')  # sizes, RandAugment and dropout of F2
+  config.lock()
+  return config

@@ -1,0 +1,112 @@
+"""Pure per-device train and eval steps.
+
+They use collectives over `parallel.AXIS` only, so they run under pmap
+(nfnets.training.parallel) or jit(shard_map(...)) unchanged.
+"""
+from typing import Callable, Dict
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import optax
+
+from nfnets import optim
+from nfnets.training.parallel import AXIS
+from nfnets.training.state import TrainState
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
+                    *, compute_dtype=jnp.float32, ema_decay: float = 0.99999,
+                    sam_rho: float = 0.0) -> Callable:
+  """Returns train_step(state, batch, rng) -> (state, metrics).
+
+  Args:
+    forward: hk.transform of model(images, is_training) -> {'logits': ...}.
+    tx: the optimizer (gets gradients averaged over AXIS, and params).
+    compute_dtype: dtype of the forward/backward pass (params stay float32).
+    ema_decay: max EMA decay (0 disables the EMA update).
+    sam_rho: SAM radius (0 = plain gradients).
+
+  batch: 'images' [B, H, W, C]; 'labels' [B, num_classes] soft targets
+  (one-hot, smoothed and/or mixed). A step whose loss or gradients are not
+  finite leaves params, optimizer state and EMA unchanged and increments
+  state.nonfinite (reset by the next finite step).
+  """
+  def loss_fn(params, images, labels, rng):
+    logits = forward.apply(params, rng, images, True)['logits']
+    loss = jnp.mean(optax.softmax_cross_entropy(logits, labels))
+    return loss, logits
+
+  def train_step(state: TrainState, batch: Dict[str, jax.Array],
+                 rng: jax.Array):
+    rng = jax.random.fold_in(rng, state.step)
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
+    images = batch['images'].astype(compute_dtype)
+    labels = batch['labels'].astype(jnp.float32)
+    if sam_rho > 0:
+      (loss, logits), grads = optim.sam_gradients(
+          loss_fn, state.params, sam_rho, images, labels, rng,
+          axis_name=AXIS, has_aux=True)
+    else:
+      (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, images, labels, rng)
+    grads = jax.lax.pmean(grads, AXIS)
+    loss = jax.lax.pmean(loss, AXIS)
+    finite = jnp.logical_and(jnp.isfinite(loss), _all_finite(grads))
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if ema_decay > 0:
+      ema_params = optim.ema_update(state.ema_params, params, state.step,
+                                    ema_decay)
+    else:
+      ema_params = params
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        ema_params=keep(ema_params, state.ema_params),
+        step=state.step + 1,
+        nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32))
+    top1 = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
+    metrics = {
+        'loss': loss,
+        'top1': jax.lax.pmean(top1.astype(jnp.float32), AXIS),
+        'grad_norm': optax.global_norm(grads),
+        'param_norm': optax.global_norm(state.params),
+        'skipped': 1.0 - finite.astype(jnp.float32),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(forward: hk.Transformed, compute_dtype=jnp.float32
+                   ) -> Callable:
+  """Returns eval_step(params, batch) -> per-device sums.
+
+  batch: 'images', 'labels' (int class ids), 'mask' (1 real / 0 padding).
+  Sums: top1 and top5 correct, loss (cross-entropy) and count, all masked;
+  the caller reduces over devices/hosts and divides by the total count.
+  """
+  def eval_step(params, batch):
+    logits = forward.apply(params, None,
+                           batch['images'].astype(compute_dtype), False)
+    logits = logits['logits'].astype(jnp.float32)
+    labels = batch['labels'].astype(jnp.int32)
+    mask = batch['mask'].astype(jnp.float32)
+    top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    topk = jax.lax.top_k(logits, k)[1]
+    top5 = jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {'top1': jnp.sum(top1 * mask), 'top5': jnp.sum(top5 * mask),
+            'loss': jnp.sum(loss * mask), 'count': jnp.sum(mask)}
+
+  return eval_step
