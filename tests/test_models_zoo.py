@@ -176,6 +176,7 @@ def test_narrow_width_does_not_crash():
   # The original release crashed for width < 0.5 (zero groups).
   fwd = M.forward_fn('F0', num_classes=3, width=0.25)
   x = jnp.zeros((1, 32, 32, 3))
-  params = jax.eval_shape(fwd.init, jax.random.PRNGKey(0), x, False)
+  params = jax.eval_shape(lambda k: fwd.init(k, x, False),
+                          jax.random.PRNGKey(0))
   out = jax.eval_shape(lambda p: fwd.apply(p, None, x, False), params)
   assert out['logits'].shape == (1, 3)

@@ -72,10 +72,12 @@ def _init_params(config, forward, rng):
   params = jax.device_get(params)
   if config.init.checkpoint:
     from nfnets import checkpoints  # only needed for fine-tuning
+    # num_classes is left to the file: a new task re-initialises the head.
     loaded = checkpoints.load_pretrained(
-        config.init.checkpoint, which=config.init.params)
+        config.init.checkpoint, variant=config.model.name,
+        which=config.init.params, model_kwargs=config.model.kwargs)
     # The classifier module (e.g. 'NFNet/~/linear') keeps its fresh init.
-    reset = r'^[^/]+/~/linear$' if config.init.reset_classifier else None
+    reset = checkpoints.CLASSIFIER if config.init.reset_classifier else None
     params = checkpoints.merge_into(params, loaded, reset=reset)
     logging.info('Initialised from %s (%s params%s).', config.init.checkpoint,
                  config.init.params,

@@ -12,22 +12,22 @@ import numpy as np
 AXIS = 'batch'
 
 
-def pmap_train_step(train_step: Callable) -> Callable:
+def pmap_train_step(train_step: Callable, devices=None) -> Callable:
   """pmaps train_step(state, batch, rng) -> (state, metrics).
 
   The state is donated; the root rng is broadcast (not replicated): the step
   folds in the step number and the device index itself.
   """
   return jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None),
-                  donate_argnums=(0,))
+                  donate_argnums=(0,), devices=devices)
 
 
-def pmap_eval_step(eval_step: Callable) -> Callable:
+def pmap_eval_step(eval_step: Callable, devices=None) -> Callable:
   """pmaps eval_step(params, batch) -> sums, psum'd over every device (of
   every host), so each host gets the global totals."""
   def summed(params, batch):
     return jax.lax.psum(eval_step(params, batch), AXIS)
-  return jax.pmap(summed, axis_name=AXIS)
+  return jax.pmap(summed, axis_name=AXIS, devices=devices)
 
 
 def local_sharding(devices=None) -> jax.sharding.NamedSharding:
@@ -37,11 +37,12 @@ def local_sharding(devices=None) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
 
 
-def replicate(tree: Any) -> Any:
-  """Copies a host pytree onto every local device, stacked on axis 0 (the
-  layout pmap expects)."""
-  sharding = local_sharding()
-  n = jax.local_device_count()
+def replicate(tree: Any, devices=None) -> Any:
+  """Copies a host pytree onto every local device (or `devices`), stacked on
+  axis 0 (the layout pmap expects)."""
+  devices = list(devices) if devices is not None else jax.local_devices()
+  sharding = local_sharding(devices)
+  n = len(devices)
 
   def put(x):
     x = np.asarray(x)

@@ -78,8 +78,8 @@ def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
     metrics = {
         'loss': loss,
         'top1': jax.lax.pmean(top1.astype(jnp.float32), AXIS),
-        'grad_norm': optax.global_norm(grads),
-        'param_norm': optax.global_norm(state.params),
+        'grad_norm': optax.tree.norm(grads),
+        'param_norm': optax.tree.norm(state.params),
         'skipped': 1.0 - finite.astype(jnp.float32),
     }
     return new_state, metrics

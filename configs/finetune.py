@@ -1,0 +1,84 @@
+"""Fine-tuning from a released or own checkpoint, on the embedded digits.
+
+  # from a previous run of configs/demo.py (its EMA params), new classifier:
+  python -m nfnets.train --config=configs/finetune.py \\
+      --config.init.checkpoint=/tmp/nfnets_demo --workdir=/tmp/ft
+  # from DeepMind's released F0 weights (any file load_pretrained reads),
+  # body frozen (train only the classifier):
+  python -m nfnets.train --config=configs/finetune.py:F0 \\
+      --config.init.checkpoint=/path/F0_haiku.npz \\
+      --config.train.freeze_body=True --workdir=/tmp/ft_f0
+
+The config argument picks the architecture of the checkpoint: 'demo' (the
+default; configs/demo.py's 1/8-width F0) or a variant name such as 'F0'
+(the released weights: F0..F5, F6). The architecture must match the
+checkpoint; everything else is free. Fields used by the loop:
+
+  init.checkpoint        required: released pickle (loaded without running
+                         code), our .npz / orbax dir, or a training workdir
+  init.params            'ema' | 'raw' (own checkpoints hold both)
+  init.reset_classifier  True: the classifier is re-initialised for
+                         model.num_classes (N(0, 0.01) weights, zero bias --
+                         zero-mean, as in the paper); the rest is loaded
+  train.freeze_body      True: only the classifier is trained
+
+The target task is the embedded digits dataset (10 classes, 32 px, no
+download); for another dataset override config.data.* and
+config.model.num_classes. Training uses the same loop and optimizer recipe
+with fine-tuning settings: 10x lower learning rate than the demo, short
+warm-up, no MixUp/CutMix/RandAugment, a few epochs.
+"""
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+from nfnets.config import base_config  # noqa: E402
+
+
+def get_config(arg: str = 'demo'):
+  arg = arg or 'demo'
+  if arg == 'demo':
+    # configs/demo.py's model: F0 at 1/8 width, one block per stage.
+    config = base_config('F0')
+    config.model.kwargs.width = 0.125
+    config.model.kwargs.depth = (1, 1, 1, 1)
+    config.model.kwargs.group_size = 16
+    config.model.kwargs.stochdepth_rate = 0.0
+    config.model.kwargs.drop_rate = 0.1
+    config.model.compute_dtype = 'float32'
+  else:
+    config = base_config(arg)  # the variant's architecture (and dropout)
+
+  config.model.num_classes = 10
+  config.data.name = 'digits'
+  config.data.train_split = 'train'
+  config.data.eval_split = 'test'
+  config.data.image_size = 32
+  config.data.eval_image_size = 32
+  config.data.randaug = ''
+  config.data.mixup_alpha = 0.0
+  config.data.cutmix = False
+  config.data.label_smoothing = 0.1
+  config.data.shuffle_buffer = 2000
+
+  config.init.params = 'ema'
+  config.init.reset_classifier = True
+  config.train.freeze_body = False
+
+  config.optim.lr_per_256 = 0.04
+  config.optim.warmup_epochs = 0.5
+  config.optim.weight_decay = 5e-5
+  config.optim.ema_decay = 0.999
+
+  config.train.batch_size = 64
+  config.train.num_epochs = 5.0
+  config.train.eval_batch_size = 200
+  config.train.log_every_steps = 20
+  config.train.sync_every_steps = 10
+  config.train.eval_every_steps = 0
+  config.train.checkpoint_every_steps = 0
+  config.lock()
+  return config

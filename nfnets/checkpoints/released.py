@@ -1,0 +1,605 @@
+"""Reading, validating and merging NFNet parameter checkpoints.
+
+Formats read by `read_params` / `load_pretrained` (detected from the content,
+not the file name):
+
+  * DeepMind's released weights (`F0_haiku.npz` ... `F6_haiku.npz`): despite
+    the extension, dill pickles of a Haiku params dict. Read with
+    `safe_pickle.RestrictedUnpickler` -- no code from the file is run.
+  * A plain numpy `.npz` without pickles, in this package's flat scheme
+    (`save_npz`): one array per parameter under the key 'module_path:param',
+    e.g. 'NFNet/~/stem_conv0:w', 'NFNet/~/nf_block_3:skip_gain', plus the
+    string array '__format__' = 'nfnets.haiku_params.v1'. Keys starting with
+    '__' are metadata.
+  * A `.npz` in PyTorch/timm layout written by `torch_layout.save_torch_npz`
+    (keys like 'stem.conv1.weight'); converted back to the Haiku tree.
+  * A params-only orbax directory written by `save_orbax` /
+    convert_checkpoint.py --format orbax: DIR/params (orbax
+    StandardCheckpointer) + DIR/nfnets_checkpoint.json.
+  * Our own training checkpoints (a workdir, its checkpoints/ dir or one step
+    dir), via `nfnets.training.checkpointing.restore_params(path, which)`.
+
+Every loaded tree is checked against the model's parameter shapes
+(`nfnets.models.param_shapes`): module paths, names, shapes and dtypes, with
+missing / unexpected / mis-shaped parameters listed by 'module:param'.
+"""
+import dataclasses
+import os
+import pickle
+import re
+import zipfile
+from typing import Any, Dict, Mapping, Optional, Pattern, Tuple, Union
+
+import numpy as np
+
+from nfnets.checkpoints import safe_pickle
+from nfnets.checkpoints.errors import (CheckpointError, ParamMismatchError,
+                                       TruncatedCheckpointError,
+                                       UnsafeCheckpointError,
+                                       VariantMismatchError)
+
+Params = Dict[str, Dict[str, np.ndarray]]
+
+# The classifier of every family ('NFNet/~/linear', 'NFResNet/~/linear',
+# 'NFRegNet/~/linear'); not the squeeze-excite linears inside blocks.
+CLASSIFIER = r'^(NFNet|NFResNet|NFRegNet)/~/linear$'
+NPZ_FORMAT = 'nfnets.haiku_params.v1'
+ORBAX_FORMAT = 'nfnets.haiku_params.orbax.v1'
+_ORBAX_META = 'nfnets_checkpoint.json'
+_SEP = ':'
+_MAX_LISTED = 15
+
+_ZIP_MAGIC = b'PK\x03\x04'
+_EMPTY_ZIP_MAGIC = b'PK\x05\x06'
+
+
+# ----------------------------------------------------------------------------
+# Flat keys and trees.
+
+
+def flatten(params: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+  """{'module': {'param': x}} -> {'module:param': x}."""
+  return {f'{m}{_SEP}{n}': v for m, d in params.items() for n, v in d.items()}
+
+
+def unflatten(flat: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+  """{'module:param': x} -> {'module': {'param': x}}."""
+  out: Dict[str, Dict[str, Any]] = {}
+  for key, value in flat.items():
+    if _SEP not in key:
+      raise CheckpointError(
+          f"key {key!r} is not of the form 'module/path{_SEP}param'.")
+    module, name = key.rsplit(_SEP, 1)
+    out.setdefault(module, {})[name] = value
+  return out
+
+
+def _to_numpy_tree(obj: Any, source: str) -> Params:
+  """Checks a two-level mapping of arrays and returns plain dicts of numpy."""
+  if not isinstance(obj, Mapping):
+    raise CheckpointError(
+        f'{source} is not a Haiku params dict: it holds a '
+        f'{type(obj).__name__}.')
+  out: Params = {}
+  for module, sub in obj.items():
+    if not isinstance(module, str) or not isinstance(sub, Mapping):
+      raise CheckpointError(
+          f'{source} is not a Haiku params dict {{module_path: {{name: '
+          f'array}}}}: entry {module!r} holds a {type(sub).__name__}.')
+    out[module] = {}
+    for name, value in sub.items():
+      if isinstance(value, Mapping) or not hasattr(value, 'shape'):
+        raise CheckpointError(
+            f'{source}: {module}{_SEP}{name} is a {type(value).__name__}, '
+            'not an array.')
+      out[module][str(name)] = np.asarray(value)
+  return out
+
+
+def _unwrap(obj: Any, which: str) -> Any:
+  """Accepts {'params': tree, 'ema_params': tree, ...} wrappers too."""
+  if not isinstance(obj, Mapping) or any('/' in str(k) for k in obj):
+    return obj
+  keys = {'ema': ('ema_params', 'params_ema', 'ema'),
+          'raw': ('params', 'raw_params', 'raw')}[which]
+  for key in keys:
+    if key in obj and isinstance(obj[key], Mapping):
+      return obj[key]
+  if len(obj) == 1 and isinstance(next(iter(obj.values())), Mapping):
+    inner = next(iter(obj.values()))
+    if any('/' in str(k) for k in inner):
+      return inner
+  return obj
+
+
+# ----------------------------------------------------------------------------
+# File formats.
+
+
+def save_npz(params: Mapping[str, Mapping[str, Any]], path: str) -> str:
+  """Writes params as a plain .npz (no pickles) in the flat key scheme."""
+  flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+  for key, value in flat.items():
+    if value.dtype.hasobject:
+      raise CheckpointError(f'{key} has dtype object; cannot save.')
+  flat['__format__'] = np.array(NPZ_FORMAT)
+  tmp = f'{path}.tmp'
+  with open(tmp, 'wb') as f:
+    np.savez(f, **flat)
+  os.replace(tmp, path)
+  return path
+
+
+def _read_npz(path: str) -> Params:
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      flat = {k: data[k] for k in data.files}
+  except zipfile.BadZipFile as e:
+    raise TruncatedCheckpointError(
+        f'{path} is truncated or corrupt: it starts like a zip/.npz archive '
+        f'but cannot be read ({e}).') from e
+  except ValueError as e:
+    if 'allow_pickle' in str(e):
+      raise UnsafeCheckpointError(
+          f'{path} is an .npz that contains pickled object arrays; refusing '
+          'to load them.') from e
+    raise TruncatedCheckpointError(
+        f'{path} is truncated or corrupt ({e}).') from e
+  except (EOFError, OSError) as e:
+    raise TruncatedCheckpointError(
+        f'{path} is truncated or corrupt ({type(e).__name__}: {e}).') from e
+  meta = {k: v for k, v in flat.items() if k.startswith('__')}
+  flat = {k: v for k, v in flat.items() if not k.startswith('__')}
+  if not flat:
+    raise CheckpointError(f'{path} is an .npz without any parameter arrays.')
+  if all(_SEP in k for k in flat):
+    return unflatten(flat)
+  from nfnets.checkpoints import torch_layout  # pylint: disable=g-import-not-at-top
+  if torch_layout.looks_like_torch_layout(flat):
+    return torch_layout.from_torch_layout(flat)
+  bad = sorted(k for k in flat if _SEP not in k)[:5]
+  raise CheckpointError(
+      f'{path} is an .npz but not an NFNet checkpoint: keys such as {bad} are '
+      f"neither 'module/path{_SEP}param' (format {NPZ_FORMAT}) nor timm "
+      f'dm_nfnet names. Metadata: {sorted(meta)}.')
+
+
+def save_orbax(params: Mapping[str, Mapping[str, Any]], directory: str,
+               **metadata) -> str:
+  """Writes a params-only orbax checkpoint: DIR/params (orbax
+  StandardCheckpointer) and DIR/nfnets_checkpoint.json (format + metadata)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(os.fspath(directory))
+  tree = {m: {n: np.asarray(v) for n, v in d.items()}
+          for m, d in params.items()}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, 'params'), tree)
+  with open(os.path.join(directory, _ORBAX_META), 'w') as f:
+    json.dump(dict(format=ORBAX_FORMAT, **metadata), f, indent=1)
+  return directory
+
+
+def _read_orbax_params(directory: str) -> Params:
+  import json  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(directory, _ORBAX_META)) as f:
+    meta = json.load(f)
+  if meta.get('format') != ORBAX_FORMAT:
+    raise CheckpointError(f'{directory}: unknown format {meta.get("format")!r}'
+                          f' in {_ORBAX_META}.')
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(os.path.join(os.path.abspath(directory), 'params'))
+  except Exception as e:  # pylint: disable=broad-except
+    raise TruncatedCheckpointError(
+        f'{directory}: the orbax params could not be restored (truncated or '
+        f'corrupt?): {type(e).__name__}: {e}') from e
+  return _to_numpy_tree(tree, directory)
+
+
+def _read_pickle(path: str) -> Any:
+  try:
+    with open(path, 'rb') as f:
+      return safe_pickle.safe_load(f)
+  except UnsafeCheckpointError as e:
+    raise UnsafeCheckpointError(f'{path}: {e}', e.global_name) from None
+  except (EOFError, pickle.UnpicklingError, MemoryError, IndexError,
+          KeyError, TypeError, ValueError, AttributeError,
+          UnicodeDecodeError, OverflowError) as e:
+    raise TruncatedCheckpointError(
+        f'{path} is truncated or is not a released NFNet checkpoint (a '
+        f'pickled Haiku params dict): reading it failed with '
+        f'{type(e).__name__}: {e}') from e
+
+
+def read_params(path: str, which: str = 'ema') -> Params:
+  """Reads any supported format into {module: {param: np.ndarray}}.
+
+  Args:
+    path: a released pickle, a flat or torch-layout .npz, or an orbax
+      checkpoint directory of ours.
+    which: for checkpoints holding both, 'ema' or 'raw' params.
+  Returns:
+    The params tree (not validated; see `load_pretrained`).
+  """
+  if which not in ('ema', 'raw'):
+    raise ValueError(f"which must be 'ema' or 'raw', got {which!r}.")
+  path = os.fspath(path)
+  if os.path.isfile(os.path.join(path, _ORBAX_META)):
+    return _read_orbax_params(path)
+  if os.path.isdir(path):
+    try:
+      from nfnets.training import checkpointing  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise CheckpointError(
+          f'{path} is a directory (an orbax checkpoint?), but reading those '
+          f'needs nfnets.training.checkpointing, which is unavailable: {e}'
+      ) from e
+    try:
+      tree = checkpointing.restore_params(path, which)
+    except FileNotFoundError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f'{path}: not a readable training checkpoint of ours (workdir, '
+          f'checkpoints/ dir or step dir): {type(e).__name__}: {e}') from e
+    return _to_numpy_tree(_unwrap(tree, which), path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No checkpoint at {path}.')
+  with open(path, 'rb') as f:
+    head = f.read(4)
+  if not head:
+    raise TruncatedCheckpointError(
+        f'{path} is empty: truncated, or not a released checkpoint.')
+  if head in (_ZIP_MAGIC, _EMPTY_ZIP_MAGIC):
+    if _is_torch_zip(path):
+      raise CheckpointError(
+          f'{path} is a PyTorch (torch.save) file; this package reads the '
+          'torch layout only as .npz (torch_layout.save_torch_npz).')
+    return _read_npz(path)
+  if head[:1] != b'\x80' and head[:1] not in b'(}]cN':
+    raise TruncatedCheckpointError(
+        f'{path} is not a released NFNet checkpoint: it is neither a pickle '
+        f'nor an .npz archive (starts with {head!r}).')
+  return _to_numpy_tree(_unwrap(_read_pickle(path), which), path)
+
+
+def _is_torch_zip(path: str) -> bool:
+  try:
+    with zipfile.ZipFile(path) as z:
+      return any(n.endswith('/data.pkl') for n in z.namelist())
+  except (zipfile.BadZipFile, OSError):
+    return False
+
+
+# ----------------------------------------------------------------------------
+# Describing a tree and inferring the variant.
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeSummary:
+  """What a params tree looks like (for inference and error messages)."""
+  top: str
+  depths: Tuple[int, ...]
+  widths: Tuple[int, ...]
+  num_classes: Optional[int]
+  num_params: int
+
+  def describe(self) -> str:
+    parts = [f'top module {self.top!r}']
+    if self.depths:
+      parts.append(f'blocks per stage {self.depths}')
+      parts.append(f'stage widths {self.widths}')
+    if self.num_classes is not None:
+      parts.append(f'{self.num_classes} classes')
+    parts.append(f'{self.num_params / 1e6:.1f}M params')
+    return ', '.join(parts)
+
+
+_BLOCK_RE = re.compile(r'^NFNet/~/nf_block(?:_(\d+))?$')
+
+
+def _shape(x) -> Tuple[int, ...]:
+  """Shape of an array, jax.ShapeDtypeStruct or scalar."""
+  return tuple(x.shape) if hasattr(x, 'shape') else np.shape(x)
+
+
+def summarize(params: Mapping[str, Mapping[str, Any]]) -> TreeSummary:
+  """Blocks per stage, stage widths and classes of an NFNet-style tree."""
+  tops = sorted({m.split('/')[0] for m in params})
+  top = tops[0] if len(tops) == 1 else '|'.join(tops)
+  num_params = int(sum(np.prod(_shape(v)) for d in params.values()
+                       for v in d.values()))
+  num_classes = None
+  for module, sub in params.items():
+    if re.match(CLASSIFIER, module) and len(_shape(sub.get('w', 0))) == 2:
+      num_classes = int(_shape(sub['w'])[1])
+  blocks = sorted(int(m.group(1) or 0) for m in map(_BLOCK_RE.match, params)
+                  if m)
+  depths, widths = [], []
+  for i in blocks:
+    prefix = 'NFNet/~/nf_block' + (f'_{i}' if i else '')
+    width = _shape(params.get(f'{prefix}/~/conv2', {}).get('w', ()))
+    width = int(width[-1]) if width else 0
+    if f'{prefix}/~/conv_shortcut' in params or not depths:
+      depths.append(0)
+      widths.append(width)
+    depths[-1] += 1
+  return TreeSummary(top, tuple(depths), tuple(widths), num_classes,
+                     num_params)
+
+
+def infer_variant(params: Mapping[str, Mapping[str, Any]]) -> Optional[str]:
+  """'F0'..'F7' / 'F0+'.. from blocks per stage and widths, else None.
+
+  NF-ResNet / NF-RegNet trees are matched by trying that family's variants.
+  """
+  import nfnets.models as M  # pylint: disable=g-import-not-at-top
+  summary = summarize(params)
+  if summary.top == 'NFNet':
+    for name in M.variants():
+      spec = M.get_variant(name)
+      if (spec.family == 'nfnet' and tuple(spec.depth) == summary.depths
+          and tuple(spec.width) == summary.widths):
+        return name
+    return None
+  family = {'NFResNet': 'nf_resnet', 'NFRegNet': 'nf_regnet'}.get(summary.top)
+  if family is None or summary.num_classes is None:
+    return None
+  for name in M.variants():
+    if (M.get_variant(name).family == family and not any(
+        _compare(params, M.param_shapes(name, summary.num_classes)))):
+      return name
+  return None
+
+
+# ----------------------------------------------------------------------------
+# Validation.
+
+
+def _natural(text: str):
+  """Sort key: 'nf_block_2' before 'nf_block_12'."""
+  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', text)]
+
+
+def _compare(params, expected):
+  """Returns (missing, unexpected, mismatched) lists of strings."""
+  missing, unexpected, mismatched = [], [], []
+  for module in sorted(set(expected) | set(params), key=_natural):
+    exp, got = expected.get(module, {}), params.get(module, {})
+    for name in sorted(set(exp) | set(got)):
+      key = f'{module}{_SEP}{name}'
+      if name not in got:
+        e = exp[name]
+        missing.append(f'{key} (expected {tuple(e.shape)} {np.dtype(e.dtype)})')
+      elif name not in exp:
+        unexpected.append(f'{key} ({_shape(got[name])})')
+      else:
+        e, g = exp[name], got[name]
+        gshape, gdtype = _shape(g), np.dtype(g.dtype)
+        if gshape != tuple(e.shape):
+          mismatched.append(f'{key}: file has shape {gshape}, model expects '
+                            f'{tuple(e.shape)}')
+        elif gdtype != np.dtype(e.dtype):
+          mismatched.append(f'{key}: file has dtype {gdtype}, model expects '
+                            f'{np.dtype(e.dtype)}')
+  return missing, unexpected, mismatched
+
+
+def _listing(title, items):
+  if not items:
+    return ''
+  lines = [f'\n  {title} ({len(items)}):']
+  lines += [f'    {x}' for x in items[:_MAX_LISTED]]
+  if len(items) > _MAX_LISTED:
+    lines.append(f'    ... and {len(items) - _MAX_LISTED} more')
+  return '\n'.join(lines)
+
+
+def _as_dict(kwargs) -> Dict[str, Any]:
+  """Constructor overrides as a dict (accepts a ConfigDict too)."""
+  if kwargs is None:
+    return {}
+  if hasattr(kwargs, 'to_dict'):
+    kwargs = kwargs.to_dict()
+  return {k: tuple(v) if isinstance(v, list) else v
+          for k, v in dict(kwargs).items()}
+
+
+def validate_params(params: Mapping[str, Mapping[str, Any]], variant: str,
+                    num_classes: Optional[int] = None,
+                    model_kwargs: Optional[Mapping[str, Any]] = None,
+                    source: str = 'checkpoint') -> None:
+  """Checks every module path, name, shape and dtype against the model.
+
+  Args:
+    params: the tree to check.
+    variant: model name (see nfnets.models.variants()).
+    num_classes: classifier size; None -> taken from the tree.
+    model_kwargs: constructor overrides (width, depth, ...), if any.
+    source: how to name the tree in messages (e.g. the path).
+  Raises:
+    VariantMismatchError: the tree is another known variant.
+    ParamMismatchError: anything else that differs; lists it by path.
+  """
+  import nfnets.models as M  # pylint: disable=g-import-not-at-top
+  model_kwargs = _as_dict(model_kwargs)
+  canonical = M.get_variant(variant).name
+  summary = summarize(params)
+  if num_classes is None:
+    num_classes = summary.num_classes or 1000
+  expected = M.param_shapes(canonical, num_classes, **model_kwargs)
+  missing, unexpected, mismatched = _compare(params, expected)
+  if not (missing or unexpected or mismatched):
+    return
+  details = (_listing('missing', missing) + _listing('unexpected', unexpected)
+             + _listing('mis-shaped / wrong dtype', mismatched))
+  kw = dict(missing=missing, unexpected=unexpected, mismatched=mismatched)
+  model = canonical + (f' with {model_kwargs}' if model_kwargs else '')
+  detected = infer_variant(params)
+  if detected is not None and detected != canonical:
+    raise VariantMismatchError(
+        f'{source} does not match variant {model}: it looks like {detected} '
+        f'({summary.describe()}). Pass variant={detected!r} (or leave it '
+        f'out to infer it).{details}', requested=canonical,
+        detected=detected, **kw)
+  problems = [p.split(_SEP)[0] for p in missing + unexpected + mismatched]
+  if (summary.num_classes is not None and num_classes != summary.num_classes
+      and all(re.match(CLASSIFIER, p) for p in problems)):
+    raise ParamMismatchError(
+        f'{source}: the classifier has {summary.num_classes} classes but '
+        f'{num_classes} were requested. To fine-tune on a new label set, load '
+        'with num_classes=None and use merge_into(init_params, loaded, '
+        f'reset=CLASSIFIER) or init_from_checkpoint().{details}', **kw)
+  raise ParamMismatchError(
+      f'{source} does not match the parameters of {model} '
+      f'({num_classes} classes); the file has {summary.describe()}.'
+      f'{details}', **kw)
+
+
+def load_pretrained(path: str, variant: Optional[str] = None,
+                    num_classes: Optional[int] = None, *, which: str = 'ema',
+                    model_kwargs: Optional[Mapping[str, Any]] = None,
+                    validate: bool = True) -> Params:
+  """Loads released or own NFNet weights safely and checks them.
+
+  Args:
+    path: DeepMind's released file (a dill pickle, e.g. F0_haiku.npz), a
+      plain .npz written by `save_npz` / convert_checkpoint.py (flat or torch
+      layout), or an orbax checkpoint directory of ours.
+    variant: e.g. 'F0'. None -> inferred from the tree (blocks per stage and
+      widths); an error if it matches no known variant.
+    num_classes: classifier size to expect; None -> whatever the file has.
+    which: 'ema' or 'raw' for checkpoints holding both (our orbax ones).
+    model_kwargs: constructor overrides of the model the file was trained
+      with (e.g. width=0.5), if not the variant's defaults.
+    validate: check paths, names, shapes and dtypes (default True).
+  Returns:
+    {module_path: {param_name: np.ndarray}}, the Haiku params tree.
+  Raises:
+    UnsafeCheckpointError: a pickle names a global that is not allowed.
+    TruncatedCheckpointError: truncated / corrupt / not a checkpoint.
+    VariantMismatchError, ParamMismatchError: see `validate_params`.
+  """
+  path = os.fspath(path)
+  params = read_params(path, which)
+  if variant is None:
+    variant = infer_variant(params)
+    if variant is None:
+      raise CheckpointError(
+          f'Cannot infer the variant of {path} ({summarize(params).describe()}'
+          '); pass variant= (and model_kwargs= for non-default models).')
+  if validate:
+    validate_params(params, variant, num_classes, model_kwargs, source=path)
+  return params
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning helpers.
+
+
+def _compile(reset) -> Optional[Pattern[str]]:
+  if reset is None or reset is False:
+    return None
+  return reset if isinstance(reset, re.Pattern) else re.compile(reset)
+
+
+def merge_into(init_params: Mapping[str, Mapping[str, Any]],
+               loaded: Mapping[str, Mapping[str, Any]],
+               reset: Union[str, Pattern[str], None] = CLASSIFIER
+               ) -> Dict[str, Dict[str, Any]]:
+  """Takes `loaded` for every module except those matching `reset`.
+
+  Modules whose path matches `reset` (default: the classifier) keep their
+  values from `init_params` -- e.g. a freshly initialised classifier for a
+  new number of classes (N(0, 0.01) weights, zero bias: zero-mean, as in the
+  paper). Everything else must be present in `loaded` with the same shape
+  and dtype.
+
+  Args:
+    init_params: the model's freshly initialised params (numpy or jax).
+    loaded: params from `load_pretrained`.
+    reset: regex (re.search on module paths) of modules to keep from init;
+      None to take everything from `loaded`.
+  Returns:
+    A new tree with init_params' structure.
+  Raises:
+    ParamMismatchError: listing missing / unexpected / mis-shaped params.
+  """
+  pattern = _compile(reset)
+  keep = lambda module: pattern is not None and pattern.search(module)
+  if pattern is not None and not any(keep(m) for m in init_params):
+    raise ParamMismatchError(
+        f'reset={pattern.pattern!r} matches no module of the model; modules '
+        f'are e.g. {sorted(init_params)[:3]}.')
+  out: Dict[str, Dict[str, Any]] = {}
+  missing, unexpected, mismatched = [], [], []
+  for module, sub in init_params.items():
+    if keep(module):
+      out[module] = dict(sub)
+      continue
+    src = loaded.get(module, {})
+    out[module] = {}
+    for name, init in sub.items():
+      key = f'{module}{_SEP}{name}'
+      if name not in src:
+        missing.append(f'{key} (expected {tuple(np.shape(init))})')
+        continue
+      value = src[name]
+      if tuple(np.shape(value)) != tuple(np.shape(init)):
+        hint = (' (the classifier: use reset=CLASSIFIER / '
+                'reset_classifier=True for a new number of classes)'
+                if re.match(CLASSIFIER, module) else '')
+        mismatched.append(f'{key}: checkpoint has shape '
+                          f'{tuple(np.shape(value))}, model expects '
+                          f'{tuple(np.shape(init))}{hint}')
+      elif np.dtype(value.dtype) != np.dtype(init.dtype):
+        mismatched.append(f'{key}: checkpoint has dtype {value.dtype}, model '
+                          f'expects {init.dtype}')
+      else:
+        out[module][name] = value
+    for name in set(src) - set(sub):
+      unexpected.append(f'{module}{_SEP}{name}')
+  for module in set(loaded) - set(init_params):
+    if not keep(module):
+      unexpected.extend(f'{module}{_SEP}{n}' for n in loaded[module])
+  if missing or unexpected or mismatched:
+    raise ParamMismatchError(
+        'cannot merge the checkpoint into the model:'
+        + _listing('missing from checkpoint', sorted(missing, key=_natural))
+        + _listing('not in the model', sorted(unexpected, key=_natural))
+        + _listing('mis-shaped / wrong dtype',
+                   sorted(mismatched, key=_natural)),
+        missing=missing, unexpected=unexpected, mismatched=mismatched)
+  return out
+
+
+def init_from_checkpoint(init_params: Mapping[str, Mapping[str, Any]],
+                         path: str, *, variant: Optional[str] = None,
+                         which: str = 'ema', reset_classifier: bool = True,
+                         model_kwargs: Optional[Mapping[str, Any]] = None
+                         ) -> Dict[str, Dict[str, Any]]:
+  """load_pretrained (classes from the file) + merge_into for fine-tuning.
+
+  With reset_classifier=True the model's own initial classifier is kept
+  (any number of classes); otherwise the checkpoint's classifier is used and
+  must have the model's number of classes.
+  """
+  loaded = load_pretrained(path, variant, None, which=which,
+                           model_kwargs=model_kwargs)
+  return merge_into(init_params, loaded,
+                    reset=CLASSIFIER if reset_classifier else None)
+
+
+def trainable_mask(params: Mapping[str, Mapping[str, Any]],
+                   trainable: Union[str, Pattern[str]] = CLASSIFIER
+                   ) -> Dict[str, Dict[str, bool]]:
+  """{module: {param: bool}}: True where the module path matches `trainable`.
+
+  For freezing the body while fine-tuning (e.g. with optax.masked or
+  zeroing the updates of False leaves).
+  """
+  pattern = _compile(trainable)
+  return {m: {n: bool(pattern and pattern.search(m)) for n in d}
+          for m, d in params.items()}

@@ -1,0 +1,204 @@
+"""Evaluate NFNet weights: top-1 / top-5 over a whole eval split, with img/s.
+
+  python scripts/eval.py --checkpoint F0_haiku.npz --variant F0 \\
+      --data_dir ~/tensorflow_datasets            # ImageNet val, 256 px
+  python scripts/eval.py --checkpoint F0_safe.npz --dataset fake \\
+      --fake_examples 512 --image_size 64          # smoke test, no data
+  python scripts/eval.py --checkpoint /tmp/workdir --params raw \\
+      --dataset digits                              # our own checkpoint
+
+--checkpoint takes anything `nfnets.checkpoints.load_pretrained` reads: the
+released pickles (loaded without executing code), our .npz / orbax files,
+a training workdir. The variant is inferred from the weights unless given.
+Images are resized to (size + 32)^2 and centre-cropped to the variant's test
+resolution (or --image_size; digits default to their native 32 px). Runs
+data-parallel on all local devices (pmap) and on every host; every example
+of the split is counted exactly once (padding is masked out), so the
+accuracy is exact for any batch size.
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, Mapping, Optional
+
+if __package__ in (None, ''):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+import nfnets.checkpoints as C  # noqa: E402
+import nfnets.models as M  # noqa: E402
+
+_EVAL_SPLIT = {'imagenet2012': 'validation', 'digits': 'test',
+               'fake': 'validation'}
+
+
+def make_data_config(dataset: str, image_size: int, data_dir=None,
+                     split: Optional[str] = None, fake_examples=None,
+                     num_classes: Optional[int] = None
+                     ) -> ml_collections.ConfigDict:
+  """config.data fields (CONTRACTS.md) for evaluation only."""
+  cfg = ml_collections.ConfigDict(dict(
+      name=dataset, data_dir=data_dir, train_split='train',
+      eval_split=split or _EVAL_SPLIT.get(dataset, 'validation'),
+      image_size=image_size, eval_image_size=image_size, randaug='',
+      mixup_alpha=0.0, cutmix=False, label_smoothing=0.0,
+      resize_method='bicubic', shuffle_buffer=0, cache=False,
+      num_classes=num_classes or (10 if dataset == 'digits' else 1000),
+      dtype='float32'))
+  if fake_examples:
+    cfg.fake_num_examples = {cfg.eval_split: int(fake_examples)}
+  return cfg
+
+
+def _pmapped_eval(forward, compute_dtype):
+  """The training loop's eval step and pmap wrapper (psum over all devices of
+  all hosts) and its replicate()."""
+  from nfnets.training import parallel, step  # pylint: disable=g-import-not-at-top
+  return (parallel.pmap_eval_step(step.make_eval_step(forward, compute_dtype)),
+          parallel.replicate)
+
+
+def _first(x) -> float:
+  """Device 0's value of a pmapped (psum'd) output, also on multi-host."""
+  if hasattr(x, 'addressable_shards'):
+    return float(np.asarray(x.addressable_shards[0].data).reshape(-1)[0])
+  return float(np.asarray(x).reshape(-1)[0])
+
+
+def evaluate(params: Mapping[str, Any], variant: str,
+             data_config: ml_collections.ConfigDict, *, batch_size: int,
+             model_kwargs: Optional[Mapping[str, Any]] = None,
+             max_batches: Optional[int] = None, log_every: int = 0,
+             compute_dtype: str = 'float32') -> Dict[str, float]:
+  """Top-1/top-5/loss over the eval split; sums over all devices and hosts.
+
+  img/s counts the images after the first batch (which includes compilation)
+  over the wall time from the end of the first batch to the last result.
+  """
+  from nfnets import data  # pylint: disable=g-import-not-at-top
+  num_classes = C.summarize(params).num_classes
+  if num_classes is not None and num_classes < data_config.num_classes:
+    raise ValueError(f'the weights have {num_classes} classes but '
+                     f'{data_config.name} has {data_config.num_classes}.')
+  forward = M.forward_fn(variant, num_classes or data_config.num_classes,
+                         **dict(model_kwargs or {}))
+  p_eval, replicate = _pmapped_eval(forward, jnp.dtype(compute_dtype))
+  rep = replicate(params)
+  devices = jax.device_count()
+  if batch_size % devices:
+    batch_size = -(-batch_size // devices) * devices
+    print(f'batch size rounded up to {batch_size} ({devices} devices)')
+  it = data.create_eval_iterator(data_config, global_batch_size=batch_size)
+  total_batches = getattr(it, 'num_batches', None)
+  if max_batches is not None:
+    it = itertools.islice(it, max_batches)
+  it = data.prefetch_to_device(
+      ({k: b[k] for k in ('images', 'labels', 'mask')} for b in it), size=2)
+  totals, first = None, None
+  start = time.time()
+  for i, batch in enumerate(it):
+    sums = p_eval(rep, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if first is None:  # compilation + first batch
+      first = {k: _first(v) for k, v in totals.items()}
+      t_first = time.time()
+    if log_every and (i + 1) % log_every == 0:
+      top1, count = _first(totals['top1']), _first(totals['count'])
+      print(f'batch {i + 1}: top-1 {top1 / max(count, 1):.4f} '
+            f'({int(count)} images)', flush=True)
+  if totals is None:
+    raise ValueError(f'{data_config.name}:{data_config.eval_split} is empty.')
+  totals = {k: _first(v) for k, v in totals.items()}
+  end = time.time()
+  count = max(totals['count'], 1.0)
+  steady_images = totals['count'] - first['count']
+  complete = max_batches is None or (total_batches is not None
+                                     and total_batches <= max_batches)
+  return dict(
+      top1=totals['top1'] / count, top5=totals['top5'] / count,
+      loss=totals['loss'] / count, count=int(totals['count']),
+      seconds=end - start,
+      images_per_sec=(steady_images / (end - t_first) if steady_images > 0
+                      else totals['count'] / max(end - start, 1e-9)),
+      devices=devices, batch_size=batch_size, complete=bool(complete))
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--checkpoint', required=True)
+  p.add_argument('--variant', default=None, help='default: inferred')
+  p.add_argument('--dataset', default='imagenet2012',
+                 choices=('imagenet2012', 'digits', 'fake'))
+  p.add_argument('--data_dir', default=None)
+  p.add_argument('--split', default=None,
+                 help='tfds split (default: validation; digits: test)')
+  p.add_argument('--image_size', type=int, default=None,
+                 help="default: the variant's test size (digits: 32)")
+  p.add_argument('--batch_size', type=int, default=64, help='global batch')
+  p.add_argument('--params', choices=('ema', 'raw'), default='ema',
+                 help='which params of our own checkpoints')
+  p.add_argument('--model_kwargs', default=None,
+                 help='JSON constructor overrides, e.g. \'{"width": 0.5}\'')
+  p.add_argument('--fake_examples', type=int, default=None,
+                 help='size of the fake eval split (default 50000)')
+  p.add_argument('--max_batches', type=int, default=None,
+                 help='stop early (smoke tests; result marked incomplete)')
+  p.add_argument('--compute_dtype', choices=('float32', 'bfloat16'),
+                 default='float32', help='bfloat16 is faster on accelerators')
+  p.add_argument('--distributed', action='store_true',
+                 help='multi-host: call jax.distributed.initialize() first')
+  p.add_argument('--log_every', type=int, default=0)
+  p.add_argument('--json_out', default=None, help='also write results here')
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.distributed:
+    jax.distributed.initialize()
+  model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+  if 'depth' in model_kwargs:
+    model_kwargs['depth'] = tuple(model_kwargs['depth'])
+  try:
+    params = C.load_pretrained(args.checkpoint, args.variant, which=args.params,
+                               model_kwargs=model_kwargs)
+  except C.CheckpointError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  variant = args.variant or C.infer_variant(params)
+  image_size = args.image_size or (
+      32 if args.dataset == 'digits' else M.get_variant(variant).test_size)
+  data_config = make_data_config(args.dataset, image_size, args.data_dir,
+                                 args.split, args.fake_examples)
+  try:
+    res = evaluate(params, variant, data_config, batch_size=args.batch_size,
+                   model_kwargs=model_kwargs, max_batches=args.max_batches,
+                   log_every=args.log_every, compute_dtype=args.compute_dtype)
+  except (FileNotFoundError, ValueError) as e:  # e.g. DatasetNotPreparedError
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  res.update(checkpoint=args.checkpoint, variant=variant,
+             compute_dtype=args.compute_dtype,
+             dataset=args.dataset, split=data_config.eval_split,
+             image_size=image_size, params=args.params)
+  print(f'{variant} on {args.dataset}:{data_config.eval_split} at '
+        f'{image_size}px: top-1 {100 * res["top1"]:.2f}%  top-5 '
+        f'{100 * res["top5"]:.2f}%  loss {res["loss"]:.4f}  '
+        f'({res["count"]} images, {res["images_per_sec"]:.1f} img/s on '
+        f'{res["devices"]} device(s), {res["seconds"]:.1f} s)'
+        + ('' if res['complete'] else '  [INCOMPLETE: --max_batches]'))
+  if args.json_out and jax.process_index() == 0:
+    with open(args.json_out, 'w') as f:
+      json.dump(res, f, indent=1)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,290 @@
+"""Input pipeline: digits builder, batches, sharding, eval coverage, resume."""
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from nfnets import data
+from nfnets.data import digits
+from nfnets.data import pipeline
+from nfnets.data import preprocess
+
+LO, HI = preprocess.normalized_range()
+
+
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp('tfds'))
+  digits.prepare(d)
+  return d
+
+
+def _cfg(data_dir, **kw):
+  base = dict(name='digits', data_dir=data_dir, train_split='train', eval_split='test',
+              image_size=32, eval_image_size=32, randaug='', mixup_alpha=0.0,
+              cutmix=False, label_smoothing=0.0, resize_method='bicubic',
+              shuffle_buffer=256, cache=False, num_classes=10, dtype='float32')
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------
+# The digits builder.
+def test_digits_builder_splits_and_determinism(digits_dir):
+  builder = digits.prepare(digits_dir)
+  assert builder.info.splits['train'].num_examples == 1497
+  assert builder.info.splits['test'].num_examples == 300
+  a, b = digits.load_arrays(), digits.load_arrays()
+  for split in ('train', 'test'):
+    for x, y in zip(a[split], b[split]):
+      np.testing.assert_array_equal(x, y)
+  ids_train, ids_test = set(a['train'][2]), set(a['test'][2])
+  assert not ids_train & ids_test and len(ids_train | ids_test) == 1797
+  images, labels, ids = a['test']
+  assert images.shape == (300, 32, 32, 3) and images.dtype == np.uint8
+  assert images.max() == 255 and images.min() == 0
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  np.testing.assert_array_equal(labels, load_digits().target[ids])
+  cfg = _cfg(digits_dir)
+  assert data.num_examples(cfg, 'train') == 1497
+  assert data.num_examples(cfg, 'train[:100]+test') == 400
+
+
+# ---------------------------------------------------------------------------
+# Batches.
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_train_batch_shapes_dtypes_ranges(digits_dir, dtype):
+  cfg = _cfg(digits_dir, randaug='405', mixup_alpha=0.2, cutmix=True,
+             label_smoothing=0.1, dtype=dtype, image_size=24)
+  it = data.create_train_iterator(cfg, global_batch_size=16, seed=0, local_device_count=4)
+  for batch in _take(it, 2):
+    assert set(batch) == {'images', 'labels'}
+    assert batch['images'].shape == (4, 4, 24, 24, 3)
+    assert batch['images'].dtype == np.dtype(dtype if dtype == 'float32' else 'bfloat16')
+    img = batch['images'].astype(np.float32)
+    assert LO - 0.02 <= img.min() and img.max() <= HI + 0.02
+    assert batch['labels'].shape == (4, 4, 10) and batch['labels'].dtype == np.float32
+    assert batch['labels'].min() >= 0
+    np.testing.assert_allclose(batch['labels'].sum(-1), 1., rtol=1e-5)
+    # Label smoothing is visible: no exact zeros.
+    assert batch['labels'].min() >= 0.01 - 1e-6
+
+
+def test_eval_batch_shapes(digits_dir):
+  cfg = _cfg(digits_dir, eval_image_size=40, dtype='bfloat16')
+  it = data.create_eval_iterator(cfg, global_batch_size=64, local_device_count=2)
+  batches = list(it)
+  assert len(batches) == len(it) == 5
+  for batch in batches:
+    assert set(batch) == {'images', 'labels', 'mask'}
+    assert batch['images'].shape == (2, 32, 40, 40, 3)
+    assert batch['labels'].shape == (2, 32) and batch['labels'].dtype == np.int32
+    assert batch['mask'].dtype == np.float32
+  assert sum(b['mask'].sum() for b in batches) == 300
+  img = batches[0]['images'].astype(np.float32)
+  assert LO - 0.02 <= img.min() and img.max() <= HI + 0.02
+
+
+def test_fake_dataset_any_resolution():
+  cfg = ml_collections.ConfigDict(dict(
+      name='fake', image_size=48, eval_image_size=56, num_classes=7, randaug='405',
+      mixup_alpha=0.2, cutmix=True, label_smoothing=0.1, shuffle_buffer=64,
+      train_split='train', eval_split='validation',
+      fake_num_examples={'train': 100, 'validation': 10}))
+  assert data.num_examples(cfg, 'train') == 100
+  batch = next(data.create_train_iterator(cfg, global_batch_size=8, seed=1, local_device_count=2))
+  assert batch['images'].shape == (2, 4, 48, 48, 3) and batch['labels'].shape == (2, 4, 7)
+  batches = list(data.create_eval_iterator(cfg, global_batch_size=8, local_device_count=2))
+  assert batches[0]['images'].shape == (2, 4, 56, 56, 3)
+  assert len(batches) == 2 and sum(b['mask'].sum() for b in batches) == 10
+
+
+# ---------------------------------------------------------------------------
+# Per-host sharding.
+def _host_epoch_ids(cfg, p, count, per_host, n_host):
+  it = data.create_train_iterator(cfg, global_batch_size=per_host * count, seed=5,
+                                  process_index=p, process_count=count,
+                                  local_device_count=1, with_ids=True)
+  ids = []
+  while len(ids) < n_host:
+    ids.extend(next(it)['ids'].reshape(-1).tolist())
+  return ids[:n_host]
+
+
+def test_train_shards_disjoint_and_covering(digits_dir):
+  cfg = _cfg(digits_dir, num_chunks=3)
+  all_ids = set(digits.load_arrays()['train'][2].tolist())
+  count = 3
+  n_host = 1497 // count
+  shards = [_host_epoch_ids(cfg, p, count, 64, n_host) for p in range(count)]
+  for ids in shards:
+    assert len(set(ids)) == n_host  # one epoch = each host example once
+  assert sum(len(set(s)) for s in shards) == len(set().union(*map(set, shards)))
+  assert set().union(*map(set, shards)) == all_ids  # 1497 % 3 == 0: covering
+
+
+def test_train_shards_drop_remainder(digits_dir):
+  cfg = _cfg(digits_dir, train_split='train[:10]')
+  shards = [set(_host_epoch_ids(cfg, p, 4, 2, 2)) for p in range(4)]
+  assert all(len(s) == 2 for s in shards)
+  assert len(set().union(*shards)) == 8  # 10 // 4 * 4, disjoint
+
+
+@pytest.mark.parametrize('count', [1, 3, 7])
+def test_eval_covers_every_example_once(digits_dir, count):
+  cfg = _cfg(digits_dir)
+  test_ids = sorted(digits.load_arrays()['test'][2].tolist())
+  seen, num_batches = [], set()
+  for p in range(count):
+    batches = list(data.create_eval_iterator(
+        cfg, global_batch_size=16 * count, process_index=p, process_count=count,
+        local_device_count=2, with_ids=True))
+    num_batches.add(len(batches))
+    for b in batches:
+      real = b['mask'] > 0
+      seen.extend(b['ids'][real].tolist())
+      assert np.all(b['ids'][~real] == -1)
+  assert len(num_batches) == 1  # every host yields the same number of batches
+  assert sorted(seen) == test_ids
+
+
+# ---------------------------------------------------------------------------
+# Determinism and resumption.
+def _assert_batches_equal(xs, ys):
+  assert len(xs) == len(ys)
+  for x, y in zip(xs, ys):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)
+
+
+def test_resume_is_exact_and_does_not_replay(digits_dir):
+  cfg = _cfg(digits_dir, randaug='405', mixup_alpha=0.2, cutmix=True,
+             label_smoothing=0.1, num_chunks=4, shuffle_buffer=50,
+             train_split='train[:300]')
+  kw = dict(global_batch_size=32, seed=3, local_device_count=2, with_ids=True)
+  fresh = _take(data.create_train_iterator(cfg, **kw), 19)
+  # Step 8 = example 256 of 300 per epoch: the resumed batches cross epochs;
+  # step 12 = example 84 of the second epoch.
+  for k in (8, 12):
+    resumed = _take(data.create_train_iterator(cfg, start_step=k, **kw), 3)
+    _assert_batches_equal(fresh[k:k + 3], resumed)
+  # Another seed -> another stream.
+  plain = _cfg(digits_dir, num_chunks=4, shuffle_buffer=50, train_split='train[:300]')
+  other = next(data.create_train_iterator(plain, **dict(kw, seed=4)))
+  same = next(data.create_train_iterator(plain, **kw))
+  np.testing.assert_array_equal(same['ids'], fresh[0]['ids'])  # order: seed only
+  assert not np.array_equal(other['ids'], fresh[0]['ids'])
+  # Epochs: each covers the split once, in a different order.
+  ids = np.concatenate([b['ids'].reshape(-1) for b in fresh])
+  assert len(set(ids[:300].tolist())) == 300
+  assert set(ids[:300].tolist()) == set(ids[300:600].tolist())
+  assert not np.array_equal(ids[:300], ids[300:600])
+
+
+def test_resume_fake_exact():
+  cfg = ml_collections.ConfigDict(dict(
+      name='fake', image_size=16, num_classes=5, randaug='', mixup_alpha=0.2,
+      cutmix=True, shuffle_buffer=16, train_split='train',
+      fake_num_examples={'train': 50}, num_chunks=3))
+  kw = dict(global_batch_size=8, seed=0, local_device_count=2)
+  fresh = _take(data.create_train_iterator(cfg, **kw), 9)
+  _assert_batches_equal(fresh[6:9], _take(data.create_train_iterator(cfg, start_step=6, **kw), 3))
+
+
+_HASH_SCRIPT = r'''
+import hashlib, sys, ml_collections
+from nfnets import data
+cfg = ml_collections.ConfigDict(dict(name='digits', data_dir=sys.argv[1], train_split='train',
+    image_size=32, randaug='405', mixup_alpha=0.2, cutmix=True, label_smoothing=0.1,
+    shuffle_buffer=100, num_classes=10, num_chunks=4))
+it = data.create_train_iterator(cfg, global_batch_size=32, seed=11, start_step=int(sys.argv[2]),
+                                process_index=0, process_count=1, local_device_count=2)
+h = hashlib.sha256()
+for _ in range(2):
+  b = next(it); h.update(b['images'].tobytes()); h.update(b['labels'].tobytes())
+print('HASH', h.hexdigest())
+'''
+
+
+def test_resume_is_exact_across_processes(digits_dir):
+  """A restarted process (fresh TF runtime) gives the same batches."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  cfg = _cfg(digits_dir, randaug='405', mixup_alpha=0.2, cutmix=True,
+             label_smoothing=0.1, shuffle_buffer=100, num_chunks=4)
+  batches = _take(data.create_train_iterator(cfg, global_batch_size=32, seed=11,
+                                             local_device_count=2), 5)[3:]
+  h = hashlib.sha256()
+  for b in batches:
+    h.update(b['images'].tobytes()); h.update(b['labels'].tobytes())
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(data.__file__)))] +
+      os.environ.get('PYTHONPATH', '').split(os.pathsep)))
+  out = subprocess.run([sys.executable, '-c', _HASH_SCRIPT, digits_dir, '3'],
+                       capture_output=True, text=True, env=env, timeout=120, check=True)
+  assert f'HASH {h.hexdigest()}' in out.stdout
+
+
+# ---------------------------------------------------------------------------
+# Device prefetch and errors.
+def test_prefetch_to_device_feeds_pmap(digits_dir):
+  n = jax.local_device_count()
+  cfg = _cfg(digits_dir)
+  it = data.create_train_iterator(cfg, global_batch_size=2 * n, seed=0)
+  host = _take(data.create_train_iterator(cfg, global_batch_size=2 * n, seed=0), 2)
+  dev = list(data.prefetch_to_device(iter(_take(it, 2)), size=2))
+  assert len(dev) == 2
+  for h, d in zip(host, dev):
+    assert isinstance(d['images'], jax.Array)
+    assert len(d['images'].sharding.device_set) == n
+    np.testing.assert_array_equal(np.asarray(d['images']), h['images'])
+  out = jax.pmap(lambda b: b['labels'].sum(), axis_name='batch')(dev[0])
+  np.testing.assert_allclose(np.asarray(out), host[0]['labels'].sum(axis=(1, 2)), rtol=1e-6)
+
+
+def test_config_errors(digits_dir):
+  with pytest.raises(ValueError, match='divisible'):
+    data.create_train_iterator(_cfg(digits_dir), global_batch_size=10, seed=0,
+                               local_device_count=4, process_count=1, process_index=0)
+  with pytest.raises(ValueError, match='num_classes'):
+    data.create_train_iterator(_cfg(digits_dir, num_classes=1000), global_batch_size=8,
+                               seed=0, local_device_count=1)
+  with pytest.raises(ValueError, match='Unknown dataset'):
+    data.num_examples(_cfg(digits_dir, name='mnist'), 'train')
+  with pytest.raises(ValueError, match='dtype'):
+    data.create_eval_iterator(_cfg(digits_dir, dtype='float16'), global_batch_size=8,
+                              local_device_count=1)
+
+
+def test_split_arithmetic():
+  pieces = [('train', 10, 20), ('validation', 0, 5)]
+  assert pipeline.slice_pieces(pieces, 8, 13) == [('train', 18, 20), ('validation', 0, 3)]
+  for n, count in [(10, 3), (300, 7), (5, 8)]:
+    ranges = [pipeline.eval_host_range(n, p, count) for p in range(count)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    train = [pipeline.train_host_range(n, p, count) for p in range(count)]
+    assert len({b - a for a, b in train}) == 1
+
+
+def test_fused_xla_finalize_matches_reference_and_cache(digits_dir):
+  """The XLA-fused mix+normalise equals plain TF ops; cache=True changes nothing."""
+  cfg = _cfg(digits_dir, mixup_alpha=0.2, cutmix=True, label_smoothing=0.1)
+  kw = dict(global_batch_size=16, seed=2, local_device_count=2)
+  fused = _take(data.create_train_iterator(cfg, **kw), 2)
+  plain = _take(data.create_train_iterator(_cfg(digits_dir, mixup_alpha=0.2, cutmix=True,
+                                                label_smoothing=0.1, xla=False), **kw), 2)
+  cached = _take(data.create_train_iterator(_cfg(digits_dir, mixup_alpha=0.2, cutmix=True,
+                                                 label_smoothing=0.1, cache=True), **kw), 2)
+  for f, p, c in zip(fused, plain, cached):
+    np.testing.assert_allclose(f['images'], p['images'], atol=1e-5)
+    np.testing.assert_allclose(f['labels'], p['labels'], atol=1e-6)
+    _assert_batches_equal([f], [c])

@@ -1,0 +1,161 @@
+"""The experiment loop end to end on the embedded digits (tiny model)."""
+import glob
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import nfnets.models as M
+from nfnets import config as config_lib
+from nfnets.training import checkpointing
+from nfnets.training.loop import train_and_evaluate
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_utils  # noqa: E402
+
+REPO = train_utils.REPO
+
+
+def _load_config(path):
+  spec = importlib.util.spec_from_file_location('cfg', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize('name', [f'f{i}' for i in range(8)] +
+                         ['nf_resnet50', 'demo'])
+def test_configs_load_and_build(name):
+  config = _load_config(os.path.join(REPO, 'configs', f'{name}.py'))
+  config_lib.validate(config, num_devices=8)
+  assert config.is_locked
+  with pytest.raises(AttributeError):
+    config.train.batch_sise = 3  # locked: typos fail
+  shapes = M.param_shapes(config.model.name, config.model.num_classes,
+                          **dict(config.model.kwargs))
+  assert shapes
+  if name.startswith('f'):
+    spec = M.get_variant(config.model.name)
+    assert config.model.name == name.upper()
+    assert (config.data.image_size, config.data.eval_image_size) == (
+        spec.train_size, spec.test_size)
+    assert config.data.randaug == spec.randaug  # the variant's own level
+    assert config.train.batch_size == 4096 and config.train.num_epochs == 360
+
+
+def test_bad_override_names_the_field(tmp_path):
+  proc = train_utils.run_train_subprocess(
+      ['--config=configs/demo.py', f'--workdir={tmp_path}',
+       '--config.train.batch_sise=32'])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0
+  assert 'batch_sise' in out
+  proc = train_utils.run_train_subprocess(
+      ['--config=configs/demo.py', f'--workdir={tmp_path}',
+       '--config.model.name=F9'])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0 and 'config.model.name' in out and 'F9' in out
+
+
+def test_train_eval_logs_and_mismatch(tmp_path):
+  workdir = str(tmp_path / 'run')
+  results = train_and_evaluate(train_utils.tiny_config(num_steps=4), workdir)
+  # Every one of the 300 test digits counted exactly once (64-example eval
+  # batches over 8 devices: the last batch is padded and masked).
+  assert results['eval/count'] == 300 and results['eval_ema/count'] == 300
+  assert 0 <= results['eval/top1'] <= results['eval/top5'] <= 1
+  records = [json.loads(l) for l in open(os.path.join(workdir,
+                                                      'metrics.jsonl'))]
+  train = [r for r in records if 'train/loss' in r]
+  evals = [r for r in records if 'eval/top1' in r]
+  assert [r['step'] for r in train] == [2, 4]
+  for key in ('train/loss', 'train/top1', 'lr', 'throughput'):
+    assert all(np.isfinite(r[key]) for r in train), key
+  assert evals and {'eval/top5', 'eval_ema/top1'} <= set(evals[-1])
+  assert json.load(open(os.path.join(workdir, 'config.json')))['model'][
+      'name'] == 'F0'
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '4']
+  assert glob.glob(os.path.join(workdir, 'tb', '*'))
+  # The same workdir with another model fails clearly, and keeps the
+  # checkpoints.
+  other = train_utils.tiny_config(num_steps=6)
+  other.unlock()
+  other.model.kwargs.width = 0.125
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match='different model'):
+    train_and_evaluate(other, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '4']
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+  total = 9
+  base = str(tmp_path / 'uninterrupted')
+  train_and_evaluate(train_utils.tiny_config(num_steps=total), base)
+
+  killed = str(tmp_path / 'killed')
+  args = ['--config=configs/demo.py', f'--workdir={killed}']
+  # The same tiny config through command-line overrides.
+  overrides = {
+      'model.kwargs.width': 0.0625, 'model.kwargs.group_size': 8,
+      'model.kwargs.drop_rate': 0.0, 'train.num_steps': total,
+      'train.batch_size': 16, 'train.eval_batch_size': 64,
+      'train.log_every_steps': 2, 'train.sync_every_steps': 1,
+      'train.eval_every_steps': 0, 'train.checkpoint_every_steps': 3,
+      'train.async_checkpointing': False, 'data.image_size': 16,
+      'data.eval_image_size': 16, 'optim.warmup_epochs': 0.0}
+  args += [f'--config.{k}={v}' for k, v in overrides.items()]
+  proc = train_utils.run_train_subprocess(args)
+  deadline = time.time() + 400
+  first = os.path.join(killed, 'checkpoints', '3')
+  while not os.path.isdir(first) and proc.poll() is None:
+    assert time.time() < deadline, 'no checkpoint appeared'
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  out, _ = proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, out
+  steps = sorted(int(s) for s in os.listdir(os.path.join(killed,
+                                                         'checkpoints'))
+                 if s.isdigit())
+  assert steps and steps[-1] < total, steps  # killed mid-run
+  train_and_evaluate(train_utils.tiny_config(num_steps=total), killed)
+
+  for which in ('raw', 'ema'):
+    a = checkpointing.restore_params(base, which)
+    b = checkpointing.restore_params(killed, which)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _worker(workdir, nproc, pid, port, ndev):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.Popen(
+      [sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'),
+       workdir, str(nproc), str(pid), str(port), str(ndev)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  multi = str(tmp_path / 'multi')
+  single = str(tmp_path / 'single')
+  procs = [_worker(multi, 2, i, port, 2) for i in range(2)]
+  procs.append(_worker(single, 1, 0, 0, 4))
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  # Eval counted each of the 300 test examples once, on every process.
+  assert all('EVAL 300.0' in out for out in outs), outs
+  for which in ('raw', 'ema'):
+    a = checkpointing.restore_params(multi, which)
+    b = checkpointing.restore_params(single, which)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5,
+                                                         atol=1e-6), a, b)

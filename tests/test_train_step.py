@@ -1,0 +1,91 @@
+"""The pure train/eval steps under pmap on 8 fake CPU devices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nfnets.models as M
+from nfnets import optim
+from nfnets.training import parallel
+from nfnets.training import state as state_lib
+from nfnets.training import step as step_lib
+
+_TINY = dict(width=0.0625, depth=(1, 1, 1, 1), group_size=8, drop_rate=0.0,
+             stochdepth_rate=0.0)
+
+
+def _setup(batch=16, classes=5):
+  fwd = M.forward_fn('F0', num_classes=classes, **_TINY)
+  rng = np.random.RandomState(0)
+  images = rng.randn(batch, 16, 16, 3).astype(np.float32)
+  labels = np.eye(classes, dtype=np.float32)[rng.randint(0, classes, batch)]
+  params = jax.device_get(jax.jit(lambda k: fwd.init(
+      k, jnp.asarray(images[:1]), True))(jax.random.PRNGKey(0)))
+  # Non-zero skip gains so that every layer gets a gradient.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.3 if 'skip_gain' in jax.tree_util.keystr(p) else v,
+      params)
+  cfg = optim.default_optim_config()
+  cfg.warmup_epochs = 0.0  # full lr from the first step
+  tx, _ = optim.make_optimizer(cfg, batch_size=batch, steps_per_epoch=10,
+                               total_steps=100)
+  return fwd, tx, params, images, labels
+
+
+def _run(fwd, tx, params, images, labels, devices, steps=2):
+  n = len(devices)
+  p_step = parallel.pmap_train_step(step_lib.make_train_step(fwd, tx),
+                                    devices=devices)
+  state = parallel.replicate(state_lib.create(params, tx), devices)
+  batch = {'images': images.reshape((n, -1) + images.shape[1:]),
+           'labels': labels.reshape((n, -1) + labels.shape[1:])}
+  for _ in range(steps):
+    state, metrics = p_step(state, batch, jax.random.PRNGKey(1))
+  return parallel.unreplicate(state), parallel.unreplicate(metrics)
+
+
+def test_eight_devices_equal_one_device_same_global_batch():
+  fwd, tx, params, images, labels = _setup()
+  devices = jax.local_devices()
+  assert len(devices) == 8
+  s8, m8 = _run(fwd, tx, params, images, labels, devices)
+  s1, m1 = _run(fwd, tx, params, images, labels, devices[:1])
+  assert int(s8.step) == int(s1.step) == 2
+  np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
+  changed = jax.tree.map(lambda a, b: np.abs(a - b).max(), s1.params, params)
+  assert max(jax.tree.leaves(changed)) > 1e-4  # the step did something
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               s8.params, s1.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               s8.ema_params, s1.ema_params)
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+  fwd, tx, params, images, labels = _setup()
+  images[3] = np.nan
+  devices = jax.local_devices()[:2]
+  state, metrics = _run(fwd, tx, params, images, labels, devices, steps=3)
+  assert int(state.step) == 3 and int(state.nonfinite) == 3
+  assert float(metrics['skipped']) == 1.0
+  jax.tree.map(np.testing.assert_array_equal, state.params, params)
+  jax.tree.map(np.testing.assert_array_equal, state.ema_params, params)
+
+
+def test_eval_step_counts_with_mask():
+  fwd, _, params, images, _ = _setup(batch=8, classes=5)
+  ids = np.arange(8) % 5
+  mask = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
+  p_eval = parallel.pmap_eval_step(step_lib.make_eval_step(fwd),
+                                   devices=jax.local_devices()[:2])
+  batch = {'images': images.reshape(2, 4, 16, 16, 3),
+           'labels': ids.reshape(2, 4), 'mask': mask.reshape(2, 4)}
+  sums = parallel.unreplicate(
+      p_eval(parallel.replicate(params, jax.local_devices()[:2]), batch))
+  logits = np.asarray(fwd.apply(params, None, jnp.asarray(images),
+                                False)['logits'])
+  top1 = ((logits.argmax(-1) == ids) * mask).sum()
+  top5 = mask.sum()  # 5 classes: every label is in the top 5
+  assert float(sums['count']) == 5.0
+  np.testing.assert_allclose(float(sums['top1']), top1)
+  np.testing.assert_allclose(float(sums['top5']), top5)
