@@ -2,3 +2,5 @@
 __version__ = '0.1.0'
 
 from nfnets import models  # noqa: F401
+from nfnets import optim  # noqa: F401
+from nfnets.optim import adaptive_grad_clip  # noqa: F401

@@ -1,0 +1,47 @@
+"""nfnets.optim: AGC, parameter-group masks, the NFNet recipe, EMA and SAM."""
+
+from nfnets.optim.agc import adaptive_grad_clip
+from nfnets.optim.agc import clip_leaf
+from nfnets.optim.agc import default_unit_axes
+from nfnets.optim.agc import unitwise_norm
+from nfnets.optim.ema import ema_decay
+from nfnets.optim.ema import ema_update
+from nfnets.optim.masks import agc_mask
+from nfnets.optim.masks import CLASSIFIER_REGEX
+from nfnets.optim.masks import is_classifier
+from nfnets.optim.masks import NO_DECAY_NAMES
+from nfnets.optim.masks import param_labels
+from nfnets.optim.masks import path_to_str
+from nfnets.optim.masks import tree_paths
+from nfnets.optim.masks import weight_decay_mask
+from nfnets.optim.recipe import AGC_CLIPPING_TABLE
+from nfnets.optim.recipe import agc_clipping_for_batch_size
+from nfnets.optim.recipe import default_optim_config
+from nfnets.optim.recipe import make_optimizer
+from nfnets.optim.recipe import warmup_cosine_schedule
+from nfnets.optim.sam import sam_gradients
+from nfnets.optim.sam import sam_perturbation
+
+__all__ = [
+    'AGC_CLIPPING_TABLE',
+    'CLASSIFIER_REGEX',
+    'NO_DECAY_NAMES',
+    'adaptive_grad_clip',
+    'agc_clipping_for_batch_size',
+    'agc_mask',
+    'clip_leaf',
+    'default_optim_config',
+    'default_unit_axes',
+    'ema_decay',
+    'ema_update',
+    'is_classifier',
+    'make_optimizer',
+    'param_labels',
+    'path_to_str',
+    'sam_gradients',
+    'sam_perturbation',
+    'tree_paths',
+    'unitwise_norm',
+    'warmup_cosine_schedule',
+    'weight_decay_mask',
+]

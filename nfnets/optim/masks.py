@@ -1,0 +1,189 @@
+"""Parameter-group helpers: label / mask functions over any param tree, by path.
+
+Every leaf of a param tree is named by a *path string*: the keys on the way
+to it joined by ``'/'``.  For a Haiku tree ``{'NFNet/~/linear': {'w': ...}}``
+the path of the classifier kernel is ``'NFNet/~/linear/w'``; for nested dicts,
+lists, tuples or dataclasses the keys / indices / attribute names are joined
+the same way (``{'a': [x, y]}`` -> ``'a/0'``, ``'a/1'``).
+
+The NFNet recipe has three parameter groups:
+
+* the final classifier (``'<root>/~/linear'``): no AGC (the paper does not
+  clip the final linear layer);
+* gains, biases, ``skip_gain`` and other 1-D / scalar leaves: no weight decay;
+* everything else: AGC and weight decay.
+
+:func:`agc_mask`, :func:`weight_decay_mask` and :func:`param_labels` compute
+these groups for :func:`optax.masked` / :func:`optax.partition` (they accept
+the params tree and so can be passed directly as the ``mask`` callable).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import jax
+
+PyTree = Any
+
+# The top-level (root) module named exactly 'linear': 'NFNet/~/linear/w' and
+# 'NFNet/~/linear/b' match (and 'NFNet/linear/w', Haiku's name when the layer
+# is created inside __call__ rather than __init__);
+# 'NFNet/~/nf_block/~/squeeze_excite/~/linear/w' and 'NFNet/~/linear_1/w' do
+# not.
+CLASSIFIER_REGEX = r'^[^/]+/(?:~/)?linear/[^/]+$'
+
+# Param names that never get weight decay (same list as DeepMind's release:
+# name in ['scale', 'offset', 'b'] or 'gain' in name or 'bias' in name).
+NO_DECAY_NAMES = ('gain', 'bias', 'b', 'skip_gain', 'scale', 'offset')
+
+
+def _key_to_str(key: Any) -> str:
+  tu = jax.tree_util
+  if isinstance(key, tu.DictKey):
+    return str(key.key)
+  if isinstance(key, tu.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, tu.GetAttrKey):
+    return str(key.name)
+  if isinstance(key, tu.FlattenedIndexKey):
+    return str(key.key)
+  return str(key)
+
+
+def path_to_str(path: Sequence[Any]) -> str:
+  """Joins a jax key path (from ``tree_flatten_with_path``) with ``'/'``."""
+  return '/'.join(_key_to_str(k) for k in path)
+
+
+def tree_paths(tree: PyTree) -> PyTree:
+  """A tree of the same structure whose leaves are their path strings."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: path_to_str(p), tree)
+
+
+def _compile(patterns: Union[None, str, Iterable[str]]) -> list[re.Pattern]:
+  if patterns is None:
+    return []
+  if isinstance(patterns, str):
+    patterns = (patterns,)
+  return [re.compile(p) for p in patterns]
+
+
+def _matches(path: str, regexes: Sequence[re.Pattern]) -> bool:
+  return any(r.search(path) for r in regexes)
+
+
+def _sample_paths(tree: PyTree, n: int = 5) -> list[str]:
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return [path_to_str(p) for p, _ in leaves[:n]]
+
+
+def is_classifier(path: str,
+                  classifier_regex: Optional[str] = CLASSIFIER_REGEX) -> bool:
+  """Whether ``path`` belongs to the final classifier."""
+  if classifier_regex is None:
+    return False
+  return re.search(classifier_regex, path) is not None
+
+
+def agc_mask(params: PyTree,
+             *,
+             classifier_regex: Optional[str] = CLASSIFIER_REGEX,
+             exclude: Union[None, str, Iterable[str]] = None,
+             missing_ok: bool = False) -> PyTree:
+  """Boolean tree: True where adaptive gradient clipping applies.
+
+  False for the final classifier (``classifier_regex``, searched in each
+  leaf's path string) and for any leaf whose path matches one of the
+  ``exclude`` regexes.  Use with ``optax.masked(adaptive_grad_clip(...),
+  agc_mask)``.
+
+  Args:
+    params: any param tree (Haiku dict-of-dicts, nested containers, ...).
+    classifier_regex: regex for the classifier's leaves; the default matches
+      the root-level module named exactly ``linear`` (``'NFNet/~/linear/w'``
+      and ``'.../b'``) but not ``squeeze_excite/~/linear``.  To reproduce
+      DeepMind's release exactly (which excluded only the classifier kernel
+      and clipped its bias together with the gains/biases) use
+      ``r'^[^/]+/(?:~/)?linear/w$'``.  ``None``: no classifier exclusion.
+    exclude: extra regexes of paths to exclude from AGC.
+    missing_ok: if False (default) and ``classifier_regex`` matches no leaf,
+      raise: a classifier silently clipped is exactly the mistake the paper
+      warns about.  Set True for trees that have no classifier.
+
+  Returns:
+    A tree of Python bools with the structure of ``params``.
+  """
+  extra = _compile(exclude)
+  paths = tree_paths(params)
+  mask = jax.tree_util.tree_map(
+      lambda p: not (is_classifier(p, classifier_regex) or _matches(p, extra)),
+      paths)
+  if classifier_regex is not None and not missing_ok:
+    if not any(is_classifier(p, classifier_regex)
+               for p in jax.tree_util.tree_leaves(paths)):
+      raise ValueError(
+          f'agc_mask: classifier_regex {classifier_regex!r} matches no leaf of '
+          f'the param tree (first paths: {_sample_paths(params)}). Pass the '
+          'regex of your final classifier, classifier_regex=None to clip '
+          'everything, or missing_ok=True.')
+  return mask
+
+
+def _leaf_name(path: str) -> str:
+  return path.rsplit('/', 1)[-1]
+
+
+def weight_decay_mask(params: PyTree,
+                      *,
+                      no_decay_names: Iterable[str] = NO_DECAY_NAMES,
+                      exclude_low_rank: bool = True,
+                      exclude: Union[None, str, Iterable[str]] = None) -> PyTree:
+  """Boolean tree: True where weight decay applies (weights only).
+
+  False for leaves whose last path component is in ``no_decay_names``
+  (gains, biases, ``skip_gain``, Haiku's ``b``, LayerNorm ``scale`` /
+  ``offset``), whose name contains ``'gain'`` or ``'bias'`` (as in the
+  release), whose ``ndim <= 1`` (when ``exclude_low_rank``), or whose path
+  matches one of the ``exclude`` regexes.
+  """
+  names = set(no_decay_names)
+  extra = _compile(exclude)
+
+  def decide(path, leaf):
+    p = path_to_str(path)
+    name = _leaf_name(p)
+    if name in names or 'gain' in name or 'bias' in name:
+      return False
+    if exclude_low_rank and getattr(leaf, 'ndim', 0) <= 1:
+      return False
+    return not _matches(p, extra)
+
+  return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def param_labels(params: PyTree,
+                 *,
+                 classifier_regex: Optional[str] = CLASSIFIER_REGEX,
+                 no_decay_names: Iterable[str] = NO_DECAY_NAMES) -> PyTree:
+  """String labels for ``optax.partition``: 'classifier', 'no_decay', 'weights'.
+
+  'classifier' wins over 'no_decay' (so the classifier bias is labelled
+  'classifier').  Suitable as ``param_labels`` of ``optax.partition``.
+  """
+  wd = weight_decay_mask(params, no_decay_names=no_decay_names)
+  paths = tree_paths(params)
+
+  def label(p, decay):
+    if is_classifier(p, classifier_regex):
+      return 'classifier'
+    return 'weights' if decay else 'no_decay'
+
+  return jax.tree_util.tree_map(label, paths, wd)
+
+
+def mask_fn(fn: Callable[..., PyTree], **kwargs) -> Callable[[PyTree], PyTree]:
+  """``functools.partial``-like helper: ``mask_fn(agc_mask, exclude='x')``."""
+  return lambda params: fn(params, **kwargs)
