@@ -54,7 +54,7 @@ def base_config(variant: str = 'F0') -> ml_collections.ConfigDict:
   c.train.batch_size = 4096  # global batch (all devices of all hosts)
   c.train.num_epochs = 360.0
   c.train.num_steps = config_dict.placeholder(int)  # overrides num_epochs
-  c.train.eval_batch_size = 1000  # global; the last batch is padded
+  c.train.eval_batch_size = 1024  # global; the last batch is padded
   c.train.log_every_steps = 100  # metrics fetched from devices only here
   # Host<->device sync at least this often (CPU collectives deadlock when
   # too many steps are in flight); <= log_every_steps.

@@ -1,6 +1,10 @@
 """One process of a multi-process CPU training run (used by test_train_loop).
 
-  python tests/multihost_worker.py WORKDIR NUM_PROCESSES PROCESS_ID PORT DEVICES
+  python tests/multihost_worker.py WORKDIR NUM_PROCESSES PROCESS_ID PORT DEVICES [EMULATE]
+
+With EMULATE=N (single process only), the train batches are the
+concatenation of what N hosts with DEVICES/N devices each would read, so a
+1-process run sees exactly the global batches of an N-process run.
 """
 import os
 import sys
@@ -15,9 +19,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_utils  # noqa: E402
 
 
+def _emulate_hosts(hosts, devices_per_host):
+  import numpy as np
+  from nfnets import data
+  single_host = data.create_train_iterator
+
+  def create_train_iterator(cfg, *, global_batch_size, seed, start_step=0):
+    its = [single_host(cfg, global_batch_size=global_batch_size, seed=seed,
+                       start_step=start_step, process_index=i,
+                       process_count=hosts, local_device_count=devices_per_host)
+           for i in range(hosts)]
+    while True:
+      parts = [next(it) for it in its]
+      yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  data.create_train_iterator = create_train_iterator
+
+
 def main():
   workdir, nproc, pid, port, ndev = sys.argv[1:6]
+  emulate = int(sys.argv[6]) if len(sys.argv) > 6 else 0
   jax.config.update('jax_num_cpu_devices', int(ndev))
+  if emulate:
+    _emulate_hosts(emulate, int(ndev) // emulate)
   config = train_utils.tiny_config(num_steps=4, batch_size=16)
   config.unlock()
   if int(nproc) > 1:

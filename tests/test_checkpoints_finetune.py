@@ -78,18 +78,14 @@ def test_reset_classifier_and_frozen_body_step(tmp_path):
 
 def test_end_to_end_with_training_loop(tmp_path):
   """A short demo run writes a checkpoint; configs/finetune.py starts from
-  its EMA params with a new classifier and a frozen body (~2 min on 2 busy
-  CPU cores, so opt-in: NFNETS_E2E=1)."""
-  if os.environ.get('NFNETS_E2E') != '1':
-    pytest.skip('slow end-to-end fine-tune (two short training runs); set '
-                'NFNETS_E2E=1')
+  its EMA params with a new classifier and a frozen body."""
   from nfnets.training.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location(
       '_nfnets_demo_config', os.path.join(ROOT, 'configs', 'demo.py'))
   demo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(demo)
   short = dict(num_steps=3, eval_every_steps=0, checkpoint_every_steps=0,
-               async_checkpointing=False, batch_size=16, eval_batch_size=100)
+               async_checkpointing=False, batch_size=16, eval_batch_size=96)
   c = demo.get_config()
   with c.unlocked():
     c.train.update(short)

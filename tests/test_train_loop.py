@@ -132,11 +132,11 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def _worker(workdir, nproc, pid, port, ndev):
+def _worker(workdir, nproc, pid, port, ndev, emulate=0):
   env = dict(os.environ, PYTHONPATH=REPO)
   return subprocess.Popen(
       [sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'),
-       workdir, str(nproc), str(pid), str(port), str(ndev)],
+       workdir, str(nproc), str(pid), str(port), str(ndev), str(emulate)],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -148,7 +148,8 @@ def test_two_processes_equal_one_process(tmp_path):
   multi = str(tmp_path / 'multi')
   single = str(tmp_path / 'single')
   procs = [_worker(multi, 2, i, port, 2) for i in range(2)]
-  procs.append(_worker(single, 1, 0, 0, 4))
+  # The single process reads the same global batches as the two hosts.
+  procs.append(_worker(single, 1, 0, 0, 4, emulate=2))
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
