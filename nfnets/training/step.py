@@ -59,19 +59,21 @@ def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
     loss = jax.lax.pmean(loss, AXIS)
     finite = jnp.logical_and(jnp.isfinite(loss), _all_finite(grads))
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if ema_decay > 0:
-      ema_params = optim.ema_update(state.ema_params, params, state.step,
-                                    ema_decay)
-    else:
-      ema_params = params
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
+    def apply(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      ema_params = (optim.ema_update(state.ema_params, params, state.step,
+                                     ema_decay) if ema_decay > 0 else params)
+      return params, opt_state, ema_params
+
+    def skip(_):
+      return state.params, state.opt_state, state.ema_params
+
+    # `finite` is identical on every device (it is computed from pmean'd
+    # values), so all devices take the same branch.
+    params, opt_state, ema_params = jax.lax.cond(finite, apply, skip, None)
     new_state = TrainState(
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        ema_params=keep(ema_params, state.ema_params),
+        params=params, opt_state=opt_state, ema_params=ema_params,
         step=state.step + 1,
         nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32))
     top1 = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
