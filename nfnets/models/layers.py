@@ -336,6 +336,21 @@ def stochastic_depth(x: jax.Array, drop_rate: float,
   return x * mask
 
 
+def gated_residual(branch: jax.Array, shortcut: jax.Array, alpha: float,
+                   stochdepth_rate: float, is_training: bool):
+  """Ends a residual block: shortcut + alpha * skip_gain * dropped(branch).
+
+  Creates the block's scalar 'skip_gain' (zero-initialised, so every block is
+  the identity on its shortcut at init). Returns (output, the branch's
+  channel-averaged variance before stochastic depth), the latter for SPPs.
+  """
+  res_avg_var = jnp.mean(jnp.var(branch.astype(jnp.float32), axis=(0, 1, 2)))
+  branch = stochastic_depth(branch, stochdepth_rate, is_training)
+  skip_gain = hk.get_parameter('skip_gain', (), jnp.float32, init=jnp.zeros)
+  out = branch * (skip_gain * alpha).astype(branch.dtype) + shortcut
+  return out, res_avg_var
+
+
 def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
   if not is_training or rate <= 0.0:
     return x

@@ -95,11 +95,8 @@ class NFBlock(hk.Module):
       out = self.conv1b(self.activation(out))
     out = self.conv2(self.activation(out))
     out = (self.se(out) * 2) * out
-    res_avg_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
-    out = layers.stochastic_depth(out, self.stochdepth_rate, is_training)
-    skip_gain = hk.get_parameter('skip_gain', (), jnp.float32, init=jnp.zeros)
-    out = out * (skip_gain * self.alpha).astype(out.dtype)
-    return out + shortcut, res_avg_var
+    return layers.gated_residual(out, shortcut, self.alpha,
+                                 self.stochdepth_rate, is_training)
 
 
 class NFNet(hk.Module):

@@ -9,7 +9,6 @@ fails with a message naming the difference instead of an orbax shape error.
 """
 import hashlib
 import json
-import os
 from typing import Any, Dict, Optional
 
 import jax

@@ -3,7 +3,7 @@ import math
 import os
 import signal
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 from absl import logging
 import jax
