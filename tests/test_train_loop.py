@@ -100,17 +100,10 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
   train_and_evaluate(train_utils.tiny_config(num_steps=total), base)
 
   killed = str(tmp_path / 'killed')
-  args = ['--config=configs/demo.py', f'--workdir={killed}']
   # The same tiny config through command-line overrides.
-  overrides = {
-      'model.kwargs.width': 0.0625, 'model.kwargs.group_size': 8,
-      'model.kwargs.drop_rate': 0.0, 'train.num_steps': total,
-      'train.batch_size': 16, 'train.eval_batch_size': 64,
-      'train.log_every_steps': 2, 'train.sync_every_steps': 1,
-      'train.eval_every_steps': 0, 'train.checkpoint_every_steps': 3,
-      'train.async_checkpointing': False, 'data.image_size': 16,
-      'data.eval_image_size': 16, 'optim.warmup_epochs': 0.0}
-  args += [f'--config.{k}={v}' for k, v in overrides.items()]
+  args = ['--config=configs/demo.py', f'--workdir={killed}']
+  args += [f'--config.{k}={v}'
+           for k, v in train_utils.tiny_overrides(num_steps=total).items()]
   proc = train_utils.run_train_subprocess(args)
   deadline = time.time() + 400
   first = os.path.join(killed, 'checkpoints', '3')

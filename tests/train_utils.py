@@ -6,27 +6,34 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# configs/demo.py shrunk to a few fast steps: a very small NFNet (stages of
+# 16/32/96/96 channels) at 16 px, checkpoints every 3 steps, synchronous.
+TINY_OVERRIDES = {
+    'model.kwargs.width': 0.0625, 'model.kwargs.group_size': 8,
+    'model.kwargs.drop_rate': 0.0, 'train.eval_batch_size': 64,
+    'train.log_every_steps': 2, 'train.sync_every_steps': 1,
+    'train.eval_every_steps': 0, 'train.checkpoint_every_steps': 3,
+    'train.async_checkpointing': False, 'data.image_size': 16,
+    'data.eval_image_size': 16, 'optim.warmup_epochs': 0.0,
+}
+
+
+def tiny_overrides(num_steps=6, batch_size=16):
+  return dict(TINY_OVERRIDES, **{'train.num_steps': num_steps,
+                                 'train.batch_size': batch_size})
+
+
 def tiny_config(num_steps=6, batch_size=16):
-  """configs/demo.py shrunk to a few steps of a very small NFNet."""
+  """configs/demo.py with tiny_overrides() applied."""
   sys.path.insert(0, REPO)
   from configs import demo
   config = demo.get_config()
-  config.unlock()
-  config.model.kwargs.width = 0.0625  # stages of 16/32/96/96 channels
-  config.model.kwargs.group_size = 8
-  config.model.kwargs.drop_rate = 0.0
-  config.train.num_steps = num_steps
-  config.train.batch_size = batch_size
-  config.train.eval_batch_size = 64
-  config.train.log_every_steps = 2
-  config.train.sync_every_steps = 1
-  config.train.eval_every_steps = 0
-  config.train.checkpoint_every_steps = 3
-  config.train.async_checkpointing = False
-  config.data.image_size = 16
-  config.data.eval_image_size = 16
-  config.optim.warmup_epochs = 0.0
-  config.lock()
+  for key, value in tiny_overrides(num_steps, batch_size).items():
+    *parents, leaf = key.split('.')
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
   return config
 
 

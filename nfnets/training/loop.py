@@ -8,7 +8,6 @@ from typing import Dict
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from nfnets import config as config_lib
@@ -93,8 +92,7 @@ def evaluate(eval_fn, params, config, global_batch_size: int
                                          global_batch_size=global_batch_size):
     sums = eval_fn(params, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.tree.map(lambda x: float(np.asarray(x.addressable_shards[0].data)[0]),
-                        totals)
+  totals = jax.tree.map(float, parallel.unreplicate(totals))
   count = totals['count']
   return {'top1': totals['top1'] / count, 'top5': totals['top5'] / count,
           'loss': totals['loss'] / count, 'count': count}
