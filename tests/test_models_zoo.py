@@ -180,3 +180,26 @@ def test_narrow_width_does_not_crash():
                           jax.random.PRNGKey(0))
   out = jax.eval_shape(lambda p: fwd.apply(p, None, x, False), params)
   assert out['logits'].shape == (1, 3)
+
+
+def test_remat_keeps_params_outputs_and_gradients():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  fwds = [M.forward_fn('F0', num_classes=4, remat=r, **_tiny('F0'))
+          for r in (False, True)]
+  params = jax.jit(fwds[0].init, static_argnums=2)(jax.random.PRNGKey(1), x,
+                                                   True)
+  assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(
+      lambda k: fwds[1].init(k, x, True), jax.random.PRNGKey(1)))
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.5 if 'skip_gain' in jax.tree_util.keystr(p) else v,
+      params)
+
+  def grads(fwd):
+    loss = lambda p: jnp.sum(fwd.apply(p, jax.random.PRNGKey(2), x,
+                                       True)['logits'] ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (l0, g0), (l1, g1) = grads(fwds[0]), grads(fwds[1])
+  np.testing.assert_allclose(l0, l1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6), g0, g1)

@@ -395,11 +395,16 @@ def block_stats(x: jax.Array) -> Dict[str, jax.Array]:
 
 
 def run_blocks(blocks, x: jax.Array, is_training: bool, return_metrics: bool,
-               outputs: Dict[str, jax.Array]) -> jax.Array:
+               outputs: Dict[str, jax.Array], remat: bool = False) -> jax.Array:
   """Applies residual blocks in order; with return_metrics, records each
-  block's residual variance and output statistics into `outputs`."""
+  block's residual variance and output statistics into `outputs`. With
+  remat, each block's activations are recomputed in the backward pass
+  (hk.remat) instead of being kept: less memory, ~1/3 more compute."""
   for i, block in enumerate(blocks):
-    x, res_avg_var = block(x, is_training)
+    if remat:
+      x, res_avg_var = hk.remat(lambda x, b=block: b(x, is_training))(x)
+    else:
+      x, res_avg_var = block(x, is_training)
     if return_metrics:
       outputs[f'block_{i}/res_avg_var'] = res_avg_var
       for k, v in block_stats(x).items():

@@ -117,6 +117,8 @@ class NFNet(hk.Module):
     final_conv_mult: final 1x1 conv width = mult * last stage width (2).
     use_two_convs: two grouped 3x3 convs per block (True for NFNets).
     group_conv_impl: 'native', 'split' or None (backend default).
+    remat: recompute each block's activations in the backward pass
+      (hk.remat): less memory for large variants/batches, more compute.
     name: top module name; 'NFNet' matches the released checkpoints.
   """
 
@@ -126,8 +128,10 @@ class NFNet(hk.Module):
                alpha: float = 0.2, stochdepth_rate: float = 0.25,
                drop_rate: Optional[float] = None, activation: str = 'gelu',
                final_conv_mult: float = 2.0, use_two_convs: bool = True,
-               group_conv_impl: Optional[str] = None, name: str = 'NFNet'):
+               group_conv_impl: Optional[str] = None, remat: bool = False,
+               name: str = 'NFNet'):
     super().__init__(name=name)
+    self.remat = remat
     if variant not in VARIANTS or VARIANTS[variant].family != 'nfnet':
       valid = [k for k, v in VARIANTS.items() if v.family == 'nfnet']
       raise ValueError(f'Unknown NFNet variant {variant!r}; valid: {valid}.')
@@ -174,7 +178,7 @@ class NFNet(hk.Module):
       if i < len(self.stem) - 1:
         out = self.activation(out)
     out = layers.run_blocks(self.blocks, out, is_training, return_metrics,
-                            outputs)
+                            outputs, remat=self.remat)
     out = self.activation(self.final_conv(out))
     return layers.pool_and_classify(out, self.fc, self.drop_rate, is_training,
                                     outputs)
