@@ -20,6 +20,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import timed_windows  # noqa: E402
+
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -77,17 +80,14 @@ def main(argv=None):
   for _ in range(args.warmup):
     step()
   warmup_s = time.perf_counter() - t0
-  windows = max(1, min(args.windows or min(args.steps, 5), args.steps))
-  per_window = [args.steps // windows + (i < args.steps % windows)
-                for i in range(windows)]
-  times, cpu_times = [], []
-  for n in per_window:
-    t, c = time.perf_counter(), time.process_time()
+  last = {}
+
+  def run(n):
     for _ in range(n):
-      loss = step()
-    float(loss.detach())  # synchronise (CPU ops are synchronous anyway)
-    times.append((time.perf_counter() - t) / n)
-    cpu_times.append((time.process_time() - c) / n)
+      last['loss'] = step()
+    float(last['loss'].detach())  # synchronise (CPU ops are synchronous anyway)
+
+  times, cpu_times = timed_windows(run, args.steps, args.windows)
   step_s = statistics.median(times)
   res = {
       'framework': 'timm', 'model': args.model,

@@ -47,6 +47,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, 'scripts'))
+from timing import timed_windows  # noqa: E402
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(
@@ -349,15 +351,13 @@ def main(argv=None):
   t0 = time.perf_counter()
   state, metrics = run(state, max(1, args.warmup))
   warmup_s = time.perf_counter() - t0
-  windows = max(1, min(args.windows or min(args.steps, 5), args.steps))
-  per_window = [args.steps // windows + (i < args.steps % windows)
-                for i in range(windows)]
-  times, cpu_times = [], []
-  for n in per_window:
-    t, c = time.perf_counter(), time.process_time()
-    state, metrics = run(state, n)
-    times.append((time.perf_counter() - t) / n)
-    cpu_times.append((time.process_time() - c) / n)
+  last = {}
+
+  def run_window(n):
+    last['state'], last['metrics'] = run(last.get('state', state), n)
+
+  times, cpu_times = timed_windows(run_window, args.steps, args.windows)
+  state, metrics = last['state'], last['metrics']
   step_s = statistics.median(times)
   loss = float(jax.device_get(metrics['loss'])[0]) if 'loss' in metrics \
       else None
