@@ -19,11 +19,16 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before JAX starts its backend: glibc reuses XLA:CPU's temporaries
+  # instead of page-faulting them in every step (nfnets/runtime.py).
+  from nfnets import runtime
+  cpu_runtime = runtime.configure_cpu_runtime()
   # Hide the accelerator from TensorFlow: it only feeds the input pipeline.
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')
   from nfnets.training.loop import train_and_evaluate
   logging.set_verbosity(logging.INFO)
+  logging.info('CPU runtime tuning: %s', cpu_runtime)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -93,6 +93,14 @@ def parse_args(argv=None):
   p.add_argument('--profile_steps', type=int, default=0,
                  help='after timing, trace this many steps with '
                  'jax.profiler and print the ops that took longest')
+  p.add_argument('--timm_same_malloc', action='store_true',
+                 help='give the timm process the same glibc malloc setting '
+                 '(MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 '
+                 'MALLOC_TRIM_THRESHOLD_=...) that nfnets.runtime applies '
+                 'to ours, for a like-for-like allocator')
+  p.add_argument('--no_cpu_tuning', action='store_true',
+                 help='do not apply nfnets.runtime.configure_cpu_runtime() '
+                 '(glibc keeps and reuses XLA:CPU\'s temporaries)')
   p.add_argument('--profile_out', default=None,
                  help='copy the trace (.xplane.pb) to this file')
   return p.parse_args(argv)
@@ -111,6 +119,10 @@ def _setup_env(args):
   flags.append(f'--xla_force_host_platform_device_count={args.devices}')
   os.environ['XLA_FLAGS'] = ' '.join(flags)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  if args.no_cpu_tuning:
+    return {'status': 'off (--no_cpu_tuning)'}
+  from nfnets import runtime  # pylint: disable=g-import-not-at-top
+  return runtime.configure_cpu_runtime()
 
 
 def _git_commit():
@@ -282,6 +294,9 @@ def run_timm(args, image_size, threads):
   if args.windows:
     cmd += ['--windows', str(args.windows)]
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  if args.timm_same_malloc:
+    env.update(MALLOC_ARENA_MAX='1', MALLOC_MMAP_MAX_='0',
+               MALLOC_TRIM_THRESHOLD_=str(2**36))
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if proc.returncode != 0:
     print(f'benchmark: bench_timm failed:\n{proc.stderr[-3000:]}',
@@ -289,13 +304,15 @@ def run_timm(args, image_size, threads):
     return None
   for line in reversed(proc.stdout.strip().splitlines()):
     if line.startswith('{'):
-      return json.loads(line)
+      res = json.loads(line)
+      res['malloc_tuned'] = bool(args.timm_same_malloc)
+      return res
   return None
 
 
 def main(argv=None):
   args = parse_args(argv)
-  _setup_env(args)
+  cpu_runtime = _setup_env(args)
   threads = len(os.sched_getaffinity(0))
 
   import jax
@@ -400,7 +417,7 @@ def main(argv=None):
       'overrides': {k: list(v) if isinstance(v, tuple) else v
                     for k, v in overrides.items()},
       'loss': loss, 'load_avg_1m': round(os.getloadavg()[0], 2),
-      'top_ops': top_ops,
+      'cpu_runtime': cpu_runtime, 'top_ops': top_ops,
       'jax_version': jax.__version__, 'commit': _git_commit(),
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec='seconds'),
@@ -458,13 +475,15 @@ def _print_table(r):
               if r['mfu'] is not None else 'n/a (unknown peak; pass '
               '--peak_tflops)'),
       ('load average (1 min)', f"{r['load_avg_1m']}"),
+      ('CPU runtime tuning', r['cpu_runtime']['status']),
   ]
   if r.get('timm'):
     t = r['timm']
     rows += [('timm step time', f"{t['step_ms']:.1f} ms ({t['img_per_s']:.2f}"
                                 f" img/s, {t['threads']} threads, torch "
-                                f"{t['torch_version']}, windows "
-                                f"{t['step_ms_windows']})"),
+                                f"{t['torch_version']}, malloc "
+                                f"{'tuned' if t.get('malloc_tuned') else 'default'}"
+                                f", windows {t['step_ms_windows']})"),
              ('timm CPU time / step', f"{t['step_cpu_ms']:.1f} ms"),
              ('ours / timm step time',
               f"{r['ratio_step_time_ours_over_timm']:.3f} (CPU time: "

@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 
 import nfnets.checkpoints as C  # noqa: E402
 import nfnets.models as M  # noqa: E402
+from nfnets import runtime  # noqa: E402
 
 _EVAL_SPLIT = {'imagenet2012': 'validation', 'digits': 'test',
                'fake': 'validation'}
@@ -161,6 +162,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  runtime.configure_cpu_runtime()  # before JAX starts (nfnets/runtime.py)
   if args.distributed:
     jax.distributed.initialize()
   model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}

@@ -4,6 +4,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import nfnets.models as M
 from nfnets import optim
@@ -84,6 +85,64 @@ def test_nonfinite_step_is_skipped_and_counted():
   assert float(metrics['skipped']) == 1.0
   jax.tree.map(np.testing.assert_array_equal, state.params, params)
   jax.tree.map(np.testing.assert_array_equal, state.ema_params, params)
+
+
+def _nan_grad_forward():
+  """A linear classifier whose loss is finite but whose gradient w.r.t. one
+  leaf ('b') is NaN: d/db (0 * sqrt(b)) at b = 0 is 0 * inf."""
+  import haiku as hk
+
+  def model(images, is_training):
+    del is_training
+    x = images.reshape(images.shape[0], -1)
+    w = hk.get_parameter('w', (x.shape[-1], 5), init=jnp.ones)
+    b = hk.get_parameter('b', (5,), init=jnp.zeros)
+    return {'logits': x @ w * 1e-3 + 0.0 * jnp.sqrt(b)}
+  return hk.transform(model)
+
+
+def test_step_with_finite_loss_but_nan_gradient_is_skipped():
+  fwd = _nan_grad_forward()
+  _, _, _, images, labels = _setup()
+  params = fwd.init(jax.random.PRNGKey(0), jnp.asarray(images[:1]), True)
+  cfg = optim.default_optim_config()
+  cfg.classifier_regex = None  # no classifier to exclude from AGC here
+  tx = optim.make_optimizer(cfg, batch_size=16, steps_per_epoch=10,
+                            total_steps=100)[0]
+  loss_fn = lambda p: jnp.mean(optax.softmax_cross_entropy(
+      fwd.apply(p, None, jnp.asarray(images), True)['logits'],
+      jnp.asarray(labels)))
+  assert np.isfinite(float(loss_fn(params)))
+  assert np.isnan(np.asarray(jax.grad(loss_fn)(params)['~']['b'])).all()
+  p_step = parallel.pmap_train_step(step_lib.make_train_step(fwd, tx),
+                                    devices=jax.local_devices()[:1])
+  state = parallel.replicate(state_lib.create(params, tx),
+                             jax.local_devices()[:1])
+  batch = {'images': images[None], 'labels': labels[None]}
+  state, metrics = p_step(state, batch, jax.random.PRNGKey(1))
+  state, metrics = parallel.unreplicate((state, metrics))
+  assert int(state.step) == 1 and int(state.nonfinite) == 1
+  assert float(metrics['skipped']) == 1.0
+  jax.tree.map(np.testing.assert_array_equal, state.params, params)
+
+
+def test_grad_and_param_norm_metrics():
+  fwd, tx, params, images, labels = _setup()
+  devices = jax.local_devices()[:1]
+  state, metrics = _run(fwd, tx, params, images, labels, devices, steps=1)
+
+  def loss_fn(p):
+    logits = fwd.apply(p, jax.random.fold_in(jax.random.fold_in(
+        jax.random.PRNGKey(1), 0), 0), jnp.asarray(images), True)['logits']
+    return jnp.mean(optax.softmax_cross_entropy(logits, jnp.asarray(labels)))
+  grads = jax.grad(loss_fn)(params)
+  g = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                  for x in jax.tree.leaves(grads)))
+  p = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                  for x in jax.tree.leaves(state.params)))
+  np.testing.assert_allclose(float(metrics['grad_norm']), g, rtol=1e-4)
+  np.testing.assert_allclose(float(metrics['param_norm']), p, rtol=1e-5)
+  assert float(metrics['skipped']) == 0.0
 
 
 def test_eval_step_counts_with_mask():

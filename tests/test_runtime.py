@@ -1,0 +1,69 @@
+"""nfnets.runtime: the glibc malloc setting for XLA:CPU (fresh processes)."""
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from nfnets import runtime
+
+_PROBE = textwrap.dedent('''
+    import json, resource
+    from nfnets import runtime
+    status = runtime.configure_cpu_runtime()
+    import jax, jax.numpy as jnp
+    x = jnp.ones((2048, 4096), jnp.float32)
+    # ~100 MB of XLA temporaries and a 16 MB output per call.
+    f = jax.jit(lambda x: jnp.sort(jnp.sin(x) * 2.0, axis=0)[::2]
+                + jnp.cos(x)[::2])
+    jax.block_until_ready(f(x)); jax.block_until_ready(f(x))
+    faults = []
+    for _ in range(8):
+      r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      jax.block_until_ready(f(x))
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+    print(json.dumps({'status': status, 'faults': faults}))
+''')
+
+
+def _probe(**env):
+  full = {k: v for k, v in os.environ.items()
+          if k not in ('XLA_FLAGS', runtime.ENV_SWITCH)}
+  full.update(JAX_PLATFORMS='cpu', **env)
+  out = subprocess.run([sys.executable, '-c', _PROBE], env=full,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
+def test_malloc_setting_removes_per_execution_page_faults():
+  tuned = _probe()
+  assert tuned['status'] == {'status': 'on',
+                             'malloc': 'one arena, no mmap, no trim'}
+  # Once the heap has grown to its working size (a few calls: the outputs
+  # live on in Python for a while), executions reuse it: no page faults.
+  assert max(tuned['faults'][-3:]) < 100, tuned
+  plain = _probe(**{runtime.ENV_SWITCH: '0'})
+  assert plain['status']['status'].startswith('off')
+  # Without it every execution faults its ~100 MB of temporaries back in
+  # (4 KiB pages).
+  assert min(plain['faults'][-3:]) > 5000, plain
+
+
+def test_off_when_backend_running_or_accelerator_or_switched_off(monkeypatch):
+  import jax
+  jax.numpy.zeros(1).block_until_ready()  # this process's backend is up
+  assert runtime.configure_cpu_runtime()['status'].startswith(
+      'off (JAX backend already initialised')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda,cpu')
+  assert not runtime.cpu_only()
+  assert runtime.configure_cpu_runtime()['status'] == (
+      'off (accelerator platform)')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert runtime.cpu_only()
+  monkeypatch.setenv(runtime.ENV_SWITCH, '0')
+  assert runtime.configure_cpu_runtime()['status'].startswith('off (')
