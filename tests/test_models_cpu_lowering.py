@@ -16,6 +16,9 @@ CASES = [  # (H, C, kernel, stride, groups, out, padding)
     (6, 4, 1, 2, 1, 8, 'SAME'),
     (9, 4, 3, 1, 1, 4, 'VALID'),
     (10, 4, 5, 3, 1, 4, 'SAME'),
+    # >= 48 x 48 pixels: strided convs take the phase-split input gradient.
+    (48, 4, 3, 2, 2, 4, 'SAME'),
+    (49, 3, 3, 2, 1, 5, 'VALID'),
 ]
 
 
@@ -34,6 +37,27 @@ def test_cpu_conv_matches_lax_conv(h, c, k, s, g, o, pad):
   ct = jnp.asarray(rng.randn(*y_ref.shape), jnp.float32)
   for a, b in zip(vjp_new(ct), vjp_ref(ct)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('hw,k,stride,pads', [
+    ((9, 8), (3, 3), (2, 2), ((0, 1), (1, 1))),
+    ((7, 7), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((10, 11), (3, 3), (3, 2), ((1, 1), (0, 2))),
+    ((12, 12), (5, 4), (2, 3), ((2, 2), (1, 2))),
+    ((8, 8), (2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((6, 9), (3, 3), (4, 4), ((1, 1), (1, 1))),  # stride > kernel: zero taps
+])
+def test_strided_conv_input_grad_matches_autodiff(hw, k, stride, pads):
+  rng = np.random.RandomState(1)
+  x = jnp.asarray(rng.randn(2, *hw, 3), jnp.float32)
+  w = jnp.asarray(rng.randn(*k, 3, 4), jnp.float32)
+  conv = lambda x: jax.lax.conv_general_dilated(
+      x, w, stride, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  y, vjp = jax.vjp(conv, x)
+  dy = jnp.asarray(rng.randn(*y.shape), jnp.float32)
+  np.testing.assert_allclose(
+      layers._strided_conv_input_grad(dy, w, x.shape, stride, pads),
+      vjp(dy)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_wsconv_split_and_native_agree_1x1_and_grads():

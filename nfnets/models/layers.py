@@ -6,6 +6,7 @@ bfloat16 compute with float32 master weights (the fix for the original
 release, which created bfloat16 parameters when bf16 was on).
 """
 import contextlib
+import functools
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import haiku as hk
@@ -206,10 +207,21 @@ class WSConv2D(hk.Module):
 #    reductions (and their gradients) as slow single-threaded fusions (~100 ms
 #    for F0's 1536 x 3072 final conv); [1, fan_in] x [fan_in, O] products
 #    compute the same sums ~10x faster.
+#  * strided k x k convolutions on large maps (>= 48 x 48 inputs): XLA
+#    computes their input gradient as one convolution over the stride-dilated
+#    output gradient, 3/4 of whose taps hit zeros at stride 2 (F0's
+#    stem_conv3, 64->128 channels, 96 px, batch 8: 26.9 ms vs 8-10 ms for the
+#    forward); `_strided_conv_input_grad` splits it into one stride-1
+#    convolution per output phase instead (13.3 ms). On small maps the
+#    phase bookkeeping costs more than it saves, so they keep XLA's.
 # Tried and dropped: the k x k weight gradient as im2col or per-tap matrix
 # products (long-K products with small outputs are slower than XLA's own
 # weight-gradient convolution here).
 # ---------------------------------------------------------------------------
+_DN = ('NHWC', 'HWIO', 'NHWC')
+# Inputs with at least this many pixels (H * W) get the phase-split input
+# gradient when the convolution is strided.
+_PHASE_GRAD_MIN_PIXELS = 48 * 48
 def _standardize_by_matmul(w: jax.Array, gain: jax.Array,
                            eps: float) -> jax.Array:
   """Weight standardisation with the per-output-channel means over
@@ -244,14 +256,84 @@ def _conv_pads(x_shape, kernel_hw, stride, padding):
   return tuple(tuple(p) for p in padding)
 
 
+def _phase_taps(n: int, k: int, s: int, pad_lo: int, n_out: int, p: int):
+  """For the input positions r = s * m + p (m < rows) of a conv with kernel
+  k, stride s and low padding pad_lo: (rows, first kernel tap k0, number of
+  taps T, low/high padding of the output gradient). Those positions receive
+  dy[m + d - t] * w[k0 + s * t] for t < T, with d = (p + pad_lo) // s."""
+  rows = -(-(n - p) // s)
+  k0 = (p + pad_lo) % s
+  d = (p + pad_lo) // s
+  taps = max(0, -(-(k - k0) // s))
+  lo = taps - 1 - d
+  return rows, k0, taps, lo, rows + taps - 1 - n_out - lo
+
+
+def _strided_conv_input_grad(dy, w, x_shape, stride, pads):
+  """d(conv(x, w, stride, pads))/dx applied to dy, as one stride-1
+  convolution per phase (p, q) of the input grid, interleaved."""
+  b, h, wd, c = x_shape
+  (s_h, s_w), zero = stride, jnp.zeros((), dy.dtype)
+  phases = []
+  for p in range(s_h):
+    rows, kh0, t_h, lo_h, hi_h = _phase_taps(h, w.shape[0], s_h, pads[0][0],
+                                             dy.shape[1], p)
+    row = []
+    for q in range(s_w):
+      cols, kw0, t_w, lo_w, hi_w = _phase_taps(wd, w.shape[1], s_w,
+                                               pads[1][0], dy.shape[2], q)
+      if not (t_h and t_w):
+        row.append(jnp.zeros((b, rows, cols, c), dy.dtype))
+        continue
+      # Taps of this phase, flipped, mapping output to input channels.
+      ker = jnp.swapaxes(w[kh0::s_h, kw0::s_w][::-1, ::-1], 2, 3)
+      dyp = jax.lax.pad(dy, zero, ((0, 0, 0), (lo_h, hi_h, 0),
+                                   (lo_w, hi_w, 0), (0, 0, 0)))
+      row.append(jax.lax.conv_general_dilated(dyp, ker, (1, 1), 'VALID',
+                                              dimension_numbers=_DN))
+    phases.append(row)
+  if h % s_h == 0 and wd % s_w == 0:  # equal phases: one interleaving copy
+    stacked = jnp.stack([jnp.stack(row) for row in phases])
+    return stacked.transpose(2, 3, 0, 4, 1, 5).reshape(x_shape)
+  dx = jnp.zeros(x_shape, dy.dtype)
+  for p, row in enumerate(phases):
+    for q, phase in enumerate(row):
+      dx = dx.at[:, p::s_h, q::s_w, :].set(phase)
+  return dx
+
+
+def _xla_conv(x, w, stride, pads):
+  return jax.lax.conv_general_dilated(x, w, window_strides=stride,
+                                      padding=pads, dimension_numbers=_DN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided_conv(x, w, stride, pads):
+  return _xla_conv(x, w, stride, pads)
+
+
+def _strided_conv_fwd(x, w, stride, pads):
+  return _xla_conv(x, w, stride, pads), (x, w)
+
+
+def _strided_conv_bwd(stride, pads, res, dy):
+  x, w = res
+  dw = jax.vjp(lambda w_: _xla_conv(x, w_, stride, pads), w)[1](dy)[0]
+  return _strided_conv_input_grad(dy, w, x.shape, stride, pads), dw
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
 def _dense_conv(x, w, stride, pads):
   if w.shape[:2] == (1, 1) and stride == (1, 1) and pads == ((0, 0), (0, 0)):
     b, h, wd, c = x.shape
     out = jnp.dot(x.reshape(b * h * wd, c), w.reshape(c, w.shape[-1]))
     return out.reshape(b, h, wd, w.shape[-1])
-  return jax.lax.conv_general_dilated(
-      x, w, window_strides=stride, padding=pads,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if (stride != (1, 1) and w.shape[:2] != (1, 1)
+      and x.shape[1] * x.shape[2] >= _PHASE_GRAD_MIN_PIXELS):
+    return _strided_conv(x, w, stride, pads)
+  return _xla_conv(x, w, stride, pads)
 
 
 def cpu_conv(x: jax.Array, w: jax.Array, stride=1, padding='SAME',
