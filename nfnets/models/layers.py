@@ -81,6 +81,8 @@ def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
 # Above this many groups, 'split' costs more (compile time, dispatch) than it
 # saves; NF-RegNets' group width 8 gives up to hundreds of groups.
 MAX_SPLIT_GROUPS = 16
+# Layouts of every convolution here: images NHWC, kernels HWIO.
+_DN = ('NHWC', 'HWIO', 'NHWC')
 
 
 _FORCED_IMPL = None
@@ -185,7 +187,7 @@ class WSConv2D(hk.Module):
     else:
       out = jax.lax.conv_general_dilated(
           x, w, window_strides=self.stride, padding=self.padding,
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          dimension_numbers=_DN,
           feature_group_count=groups)
     return out + bias.astype(out.dtype)
 
@@ -218,10 +220,11 @@ class WSConv2D(hk.Module):
 # products (long-K products with small outputs are slower than XLA's own
 # weight-gradient convolution here).
 # ---------------------------------------------------------------------------
-_DN = ('NHWC', 'HWIO', 'NHWC')
 # Inputs with at least this many pixels (H * W) get the phase-split input
 # gradient when the convolution is strided.
 _PHASE_GRAD_MIN_PIXELS = 48 * 48
+
+
 def _standardize_by_matmul(w: jax.Array, gain: jax.Array,
                            eps: float) -> jax.Array:
   """Weight standardisation with the per-output-channel means over
