@@ -1,30 +1,41 @@
-"""Host-memory setting that makes XLA:CPU training fast; applied before JAX starts.
+"""Host settings that make XLA:CPU training fast; applied before JAX starts.
 
-Every XLA:CPU execution allocates its temporaries (1.2 GB for an F0 training
-step at batch 8, 192 px) with ``posix_memalign`` on one of XLA's worker
-threads. glibc serves a request that large from a per-thread arena by
-``mmap`` and gives it back with ``munmap`` on free, so every step faults in
-~300k fresh zeroed pages: ~0.5 s of kernel time per step on 2 cores, and
-every first write to a temporary (activations, weight-standardised kernels)
-runs at page-fault speed. ``mallopt`` with one arena, no mmap and no trimming
-makes glibc keep and reuse that memory (what tcmalloc/jemalloc do by
-default): 0 page faults per step after the first. Measured on this project's
-2-core CPU (F0, batch 8, 192 px, float32, forward+backward): 1.35-1.48 s ->
-1.23-1.29 s per step. Cost: the process keeps its peak heap instead of
-returning freed memory to the OS, and all threads share one malloc arena.
+Every XLA:CPU execution allocates its temporaries (1.4 GB for an F0 training
+step at batch 8, 192 px) with one ``posix_memalign``. Left alone, glibc
+serves a request that large by ``mmap`` and gives it back with ``munmap``,
+so every step faults in ~350k fresh zeroed pages (~0.5 s of kernel time per
+step on 2 cores) and every first write to a temporary runs at page-fault
+speed. Two settings fix it:
 
-The arena must be chosen before XLA's threads first allocate, so entry
-points call :func:`configure_cpu_runtime` before JAX starts its backend
+* ``mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)``: glibc never maps or trims,
+  so freed memory is kept and reused (what tcmalloc does by default).
+* synchronous CPU dispatch (``jax_cpu_enable_async_dispatch=False``): the
+  executable then runs on the calling (main) thread, whose malloc arena is
+  the main heap, the only one that can hold a block of that size without
+  ``mmap`` (glibc's per-thread arenas are limited to 64 MiB heaps). XLA's
+  worker threads keep their own arenas, so they never contend for a lock.
+
+Measured on this project's 2-core CPU (F0, batch 8, 192 px, float32, whole
+training step): 0 page faults per step after the first; ~1.6 s per step with
+neither, 1.32-1.35 s with the earlier one-arena setting, 1.17-1.21 s with
+these two; compile 21 s -> 15 s. Costs: the process keeps its peak heap
+instead of returning freed memory to the OS, and a call to a compiled
+function returns when its result is ready (the host cannot queue the next
+step meanwhile; on a CPU backend the host and the step share the same cores
+anyway).
+
+Both must be in place before XLA's threads first allocate, so entry points
+call :func:`configure_cpu_runtime` before JAX starts its backend
 (``python -m nfnets.train``, ``scripts/benchmark.py``, ``scripts/eval.py``).
 In your own script: ``from nfnets import runtime;
-runtime.configure_cpu_runtime()`` before the first JAX computation. The same
-effect from outside: ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=68719476736`` in the environment, or preloading tcmalloc.
+runtime.configure_cpu_runtime()`` before the first JAX computation. The
+malloc half from outside: ``MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=68719476736`` in the environment.
 
 Nothing is changed when an accelerator plugin is installed or JAX_PLATFORMS
 names another platform first (device memory is not host malloc), when the
-backend is already running, on non-glibc systems, or when
-``NFNETS_CPU_TUNING=0``.
+backend is already running, or when ``NFNETS_CPU_TUNING=0``; the malloc
+half is skipped on non-glibc systems.
 """
 from __future__ import annotations
 
@@ -38,7 +49,7 @@ from typing import Dict
 
 ENV_SWITCH = 'NFNETS_CPU_TUNING'
 # glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _ACCELERATOR_MODULES = ('jax_cuda12_plugin', 'jax_cuda13_plugin',
                         'jax_rocm60_plugin', 'jax_rocm7_plugin', 'libtpu')
 
@@ -70,13 +81,21 @@ def _tune_malloc() -> str:
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     return 'skipped (not glibc)'
   libc = ctypes.CDLL(None)
-  ok = (libc.mallopt(_M_ARENA_MAX, 1) and libc.mallopt(_M_MMAP_MAX, 0)
-        and libc.mallopt(_M_TRIM_THRESHOLD, -1))
-  return 'one arena, no mmap, no trim' if ok else 'mallopt failed'
+  ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)
+  return 'no mmap, no trim' if ok else 'mallopt failed'
+
+
+def _sync_dispatch() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.config.update('jax_cpu_enable_async_dispatch', False)
+  except (AttributeError, KeyError, ValueError) as e:
+    return f'unchanged ({e})'
+  return 'synchronous'
 
 
 def configure_cpu_runtime() -> Dict[str, str]:
-  """Applies the malloc setting above if JAX will run on this CPU and has
+  """Applies the settings above if JAX will run on this CPU and has
   not started yet. Returns what was done (for logs and benchmark records);
   calling it again is harmless."""
   if os.environ.get(ENV_SWITCH, '1').strip().lower() in ('0', 'false', 'no',
@@ -86,6 +105,7 @@ def configure_cpu_runtime() -> Dict[str, str]:
     return {'status': 'off (accelerator platform)'}
   if _backend_started():
     return {'status': 'off (JAX backend already initialised)'}
-  result = {'status': 'on', 'malloc': _tune_malloc()}
+  result = {'status': 'on', 'malloc': _tune_malloc(),
+            'dispatch': _sync_dispatch()}
   logging.getLogger(__name__).debug('nfnets CPU runtime: %s', result)
   return result

@@ -95,12 +95,13 @@ def parse_args(argv=None):
                  'jax.profiler and print the ops that took longest')
   p.add_argument('--timm_same_malloc', action='store_true',
                  help='give the timm process the same glibc malloc setting '
-                 '(MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 '
-                 'MALLOC_TRIM_THRESHOLD_=...) that nfnets.runtime applies '
-                 'to ours, for a like-for-like allocator')
+                 '(MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...) that '
+                 'nfnets.runtime applies to ours, for a like-for-like '
+                 'allocator (PyTorch already runs on the calling thread)')
   p.add_argument('--no_cpu_tuning', action='store_true',
                  help='do not apply nfnets.runtime.configure_cpu_runtime() '
-                 '(glibc keeps and reuses XLA:CPU\'s temporaries)')
+                 '(glibc keeps and reuses XLA:CPU\'s temporaries; '
+                 'synchronous dispatch)')
   p.add_argument('--profile_out', default=None,
                  help='copy the trace (.xplane.pb) to this file')
   return p.parse_args(argv)
@@ -295,7 +296,7 @@ def run_timm(args, image_size, threads):
     cmd += ['--windows', str(args.windows)]
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   if args.timm_same_malloc:
-    env.update(MALLOC_ARENA_MAX='1', MALLOC_MMAP_MAX_='0',
+    env.update(MALLOC_MMAP_MAX_='0',
                MALLOC_TRIM_THRESHOLD_=str(2**36))
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if proc.returncode != 0:

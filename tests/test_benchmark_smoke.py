@@ -40,8 +40,8 @@ def test_benchmark_tiny_f0_json(tmp_path):
   assert len(res['step_ms_windows']) == 2
   assert res['device_kind'] and res['peak_mem_source']
   assert 'img/s' in proc.stderr and 'MFU' in proc.stderr  # the table
-  # A fresh CPU-only process: nfnets.runtime's malloc setting was applied.
+  # A fresh CPU-only process: nfnets.runtime's settings were applied.
   from nfnets import runtime
   if platform.libc_ver()[0] == 'glibc' and runtime.cpu_only():
-    assert res['cpu_runtime'] == {'status': 'on',
-                                  'malloc': 'one arena, no mmap, no trim'}
+    assert res['cpu_runtime'] == {'status': 'on', 'malloc': 'no mmap, no trim',
+                                  'dispatch': 'synchronous'}

@@ -1,4 +1,5 @@
-"""nfnets.runtime: the glibc malloc setting for XLA:CPU (fresh processes)."""
+"""nfnets.runtime: the glibc malloc and dispatch settings for XLA:CPU (fresh
+processes)."""
 import json
 import os
 import platform
@@ -25,7 +26,8 @@ _PROBE = textwrap.dedent('''
       r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       jax.block_until_ready(f(x))
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
-    print(json.dumps({'status': status, 'faults': faults}))
+    print(json.dumps({'status': status, 'faults': faults,
+                      'async': jax.config.values['jax_cpu_enable_async_dispatch']}))
 ''')
 
 
@@ -42,13 +44,15 @@ def _probe(**env):
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
 def test_malloc_setting_removes_per_execution_page_faults():
   tuned = _probe()
-  assert tuned['status'] == {'status': 'on',
-                             'malloc': 'one arena, no mmap, no trim'}
+  assert tuned['status'] == {'status': 'on', 'malloc': 'no mmap, no trim',
+                             'dispatch': 'synchronous'}
+  assert tuned['async'] is False
   # Once the heap has grown to its working size (a few calls: the outputs
   # live on in Python for a while), executions reuse it: no page faults.
   assert max(tuned['faults'][-3:]) < 100, tuned
   plain = _probe(**{runtime.ENV_SWITCH: '0'})
   assert plain['status']['status'].startswith('off')
+  assert plain['async'] is True
   # Without it every execution faults its ~100 MB of temporaries back in
   # (4 KiB pages).
   assert min(plain['faults'][-3:]) > 5000, plain
