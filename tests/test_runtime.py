@@ -3,6 +3,7 @@ processes)."""
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -47,15 +48,16 @@ def test_malloc_setting_removes_per_execution_page_faults():
   assert tuned['status'] == {'status': 'on', 'malloc': 'no mmap, no trim',
                              'dispatch': 'synchronous'}
   assert tuned['async'] is False
-  # Once the heap has grown to its working size (a few calls: the outputs
-  # live on in Python for a while), executions reuse it: no page faults.
-  assert max(tuned['faults'][-3:]) < 100, tuned
   plain = _probe(**{runtime.ENV_SWITCH: '0'})
   assert plain['status']['status'].startswith('off')
   assert plain['async'] is True
-  # Without it every execution faults its ~100 MB of temporaries back in
-  # (4 KiB pages).
+  # Without it every execution faults its temporaries back in (4 KiB pages;
+  # ~12k pages per call here).
   assert min(plain['faults'][-3:]) > 5000, plain
+  # With it a typical execution reuses the heap: no page faults. (A call
+  # may still fault once in a while, when a worker thread's arena grows.)
+  assert statistics.median(tuned['faults']) < 100, tuned
+  assert sum(tuned['faults']) < sum(plain['faults']) / 4, (tuned, plain)
 
 
 def test_off_when_backend_running_or_accelerator_or_switched_off(monkeypatch):
