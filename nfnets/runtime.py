@@ -18,19 +18,19 @@ speed. Two settings fix it:
 Measured on this project's 2-core CPU (F0, batch 8, 192 px, float32, whole
 training step, runs of the same hour): 0-300 page faults per step after the
 first; ~1.55 s per step with neither, 1.32-1.35 s with the earlier
-one-arena setting, 1.17-1.24 s with these two; compile 21 s -> 15 s. Costs: the process keeps its peak heap
-instead of returning freed memory to the OS, and a call to a compiled
-function returns when its result is ready (the host cannot queue the next
-step meanwhile; on a CPU backend the host and the step share the same cores
-anyway).
+one-arena setting, 1.17-1.24 s with these two; compile 21 s -> 15 s.
+Costs: the process keeps its peak heap instead of returning freed memory to
+the OS, and a call to a compiled function returns when its result is ready
+(the host cannot queue the next step meanwhile; on a CPU backend the host
+and the step share the same cores anyway).
 
 Both must be in place before XLA's threads first allocate, so entry points
 call :func:`configure_cpu_runtime` before JAX starts its backend
 (``python -m nfnets.train``, ``scripts/benchmark.py``, ``scripts/eval.py``).
 In your own script: ``from nfnets import runtime;
 runtime.configure_cpu_runtime()`` before the first JAX computation. The
-malloc half from outside: ``MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=68719476736`` in the environment.
+malloc half from outside (e.g. for another process): the environment
+variables in :data:`MALLOC_ENV`.
 
 Nothing is changed when an accelerator plugin is installed or JAX_PLATFORMS
 names another platform first (device memory is not host malloc), when the
@@ -50,6 +50,9 @@ from typing import Dict
 ENV_SWITCH = 'NFNETS_CPU_TUNING'
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# The same malloc setting as glibc environment variables (read at process
+# start), e.g. to give a comparison process the same allocator behaviour.
+MALLOC_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**36)}
 _ACCELERATOR_MODULES = ('jax_cuda12_plugin', 'jax_cuda13_plugin',
                         'jax_rocm60_plugin', 'jax_rocm7_plugin', 'libtpu')
 

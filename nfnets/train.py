@@ -20,7 +20,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Before JAX starts its backend: glibc reuses XLA:CPU's temporaries
-  # instead of page-faulting them in every step (nfnets/runtime.py).
+  # instead of page-faulting them in every step, synchronous CPU dispatch
+  # (nfnets/runtime.py).
   from nfnets import runtime
   cpu_runtime = runtime.configure_cpu_runtime()
   # Hide the accelerator from TensorFlow: it only feeds the input pipeline.

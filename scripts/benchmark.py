@@ -296,8 +296,8 @@ def run_timm(args, image_size, threads):
     cmd += ['--windows', str(args.windows)]
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   if args.timm_same_malloc:
-    env.update(MALLOC_MMAP_MAX_='0',
-               MALLOC_TRIM_THRESHOLD_=str(2**36))
+    from nfnets import runtime  # pylint: disable=g-import-not-at-top
+    env.update(runtime.MALLOC_ENV)
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if proc.returncode != 0:
     print(f'benchmark: bench_timm failed:\n{proc.stderr[-3000:]}',
