@@ -5,9 +5,15 @@ shape [2] (int32/int64) and gives the same result for the same seed, so a
 pipeline that derives the seed from (run seed, example position) produces the
 same augmentations after a restart.
 
-Images are float32 in [0, 255] until `normalize`; uint8 only around RandAugment.
+Images are float32 on the 0..255 scale until `normalize`. As in the NFNet
+release (deepmind-research nfnets/dataset.py `_preprocess_image`), the bicubic
+resize is not clipped: values overshoot 0..255 near sharp edges (the release
+notes e.g. [-51.1, 336.6]); eval images keep the overshoot. Train images are
+stored as uint8 (`train_image_from_crop`), which clips; the release clips its
+train images only where it converts them to uint8 for RandAugment.
 """
-from typing import Optional
+import re
+from typing import Optional, Tuple, Union
 
 import tensorflow as tf
 
@@ -32,12 +38,13 @@ def split_seed(seed, num):
 
 
 def resize(image, size: int, method: str = 'bicubic'):
-  """Resizes `image` [H, W, C] (any dtype) to [size, size, C] float32 in 0..255."""
+  """Resizes `image` [H, W, C] (any dtype) to [size, size, C] float32.
+
+  Not clipped, as in the release: bicubic / lanczos overshoot 0..255 near
+  sharp edges. `to_uint8` clips where a uint8 image is needed."""
   if method not in _RESIZE_METHODS:
     raise ValueError(f'Unknown resize method {method!r}; one of {_RESIZE_METHODS}')
-  image = tf.image.resize(tf.cast(image, tf.float32), [size, size], method=method)
-  # Bicubic / lanczos overshoot; keep the image a valid 0..255 image.
-  return tf.clip_by_value(image, 0., 255.)
+  return tf.image.resize(tf.cast(image, tf.float32), [size, size], method=method)
 
 
 def _inception_crop_window(image_shape, seed, image_size: int):
@@ -75,8 +82,10 @@ def _inception_crop_window(image_shape, seed, image_size: int):
 
 def _center_crop_window(image_shape, image_size: int):
   h, w = image_shape[0], image_shape[1]
-  frac = image_size / (image_size + CROP_PADDING)
-  crop = tf.cast(frac * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
+  # float32 min(h, w) / (size + 32) * size, truncated: the release's
+  # `_decode_and_center_crop` arithmetic, operation for operation.
+  scale = tf.cast(tf.minimum(h, w), tf.float32) / float(image_size + CROP_PADDING)
+  crop = tf.cast(scale * float(image_size), tf.int32)
   crop = tf.maximum(crop, 1)
   return (h - crop + 1) // 2, (w - crop + 1) // 2, crop, crop
 
@@ -93,7 +102,11 @@ def decode_and_inception_crop(jpeg_bytes, seed, image_size: int):
 
 
 def to_uint8(image):
-  """Rounds a 0..255 float image to uint8 (no-op for uint8)."""
+  """Clips a float image to 0..255 and rounds it to uint8 (no-op for uint8).
+
+  Rounding (not the release's truncating cast) because this is our storage
+  step before mixing; the release's own conversion, right before
+  RandAugment, is in `randaugment.randaugment_image`."""
   if image.dtype == tf.uint8:
     return image
   return tf.cast(tf.round(tf.clip_by_value(image, 0., 255.)), tf.uint8)
@@ -104,7 +117,9 @@ def train_image_from_crop(crop, seed, image_size: int,
   """Resize a decoded crop to image_size^2, round to uint8 and randomly flip.
 
   Train images stay uint8 until the batch is normalised (4x less memory
-  traffic than float; the rounding is at most half a grey level)."""
+  traffic than float; the rounding is at most half a grey level). The uint8
+  conversion clips the bicubic overshoot, which the release keeps in train
+  images when RandAugment is off (with RandAugment it clips too)."""
   image = to_uint8(resize(crop, image_size, resize_method))
   if flip:
     image = tf.image.stateless_random_flip_left_right(image, seed=seed)
@@ -113,7 +128,8 @@ def train_image_from_crop(crop, seed, image_size: int,
 
 def eval_image_resize_crop(image, image_size: int, resize_method: str = 'bicubic'):
   """Release eval ('resize_crop_32'): resize the whole image (aspect ratio not
-  kept) to (size + 32)^2, then take the central size^2 crop."""
+  kept) to (size + 32)^2, then take the central size^2 crop. Float32, not
+  clipped: bicubic values may lie outside 0..255, as in the release."""
   big = image_size + CROP_PADDING
   image = resize(image, big, resize_method)
   off = CROP_PADDING // 2
@@ -154,15 +170,44 @@ def one_hot_smoothed(label, num_classes: int, smoothing: float = 0.0):
   return oh
 
 
-def parse_randaug(level: Optional[str]):
-  """'405' -> (4, 5): first digit layers, trailing two digits magnitude.
+_RANDAUG_OFF = ('', '0', 'none', 'false', 'off')
 
-  None / '' / '0' / 'none' -> None (RandAugment off)."""
+
+def parse_randaug(level: Optional[Union[str, int]]) -> Optional[Tuple[int, int]]:
+  """RandAugment level -> (num_layers, magnitude), or None for off.
+
+  The release's rule (nfnets/dataset.py `_augment_image`): an integer
+  N = layers * 100 + magnitude, so '405' -> (4, 5), '215' -> (2, 15),
+  '1015' -> (10, 15); an integer of at most 100 is a magnitude alone and gets
+  2 layers (the RandAugment paper's default): '15' -> (2, 15).
+
+  Args:
+    level: the level as a string or int; None, '', '0', 'none', 'off',
+      'false' (any case) turn RandAugment off.
+
+  Returns:
+    (num_layers, magnitude) or None.
+
+  Raises:
+    ValueError: for anything that is not a non-negative integer.
+  """
   if level is None:
     return None
-  level = str(level).strip().lower()
-  if level in ('', '0', 'none', 'false', 'off'):
+  if isinstance(level, bool) or not isinstance(level, (str, int)):
+    raise ValueError(
+        f'RandAugment level must be a string or int such as "405", got '
+        f'{level!r} ({type(level).__name__})')
+  text = str(level).strip().lower()
+  if text in _RANDAUG_OFF:
     return None
-  if not level.isdigit() or len(level) != 3:
-    raise ValueError(f'RandAugment level must be 3 digits like "405", got {level!r}')
-  return int(level[0]), int(level[1:])
+  if not re.fullmatch(r'[0-9]+', text):
+    raise ValueError(
+        f'RandAugment level must be a non-negative integer layers*100 + '
+        f'magnitude, e.g. "405" (4 layers, magnitude 5) or "1015" (10 layers, '
+        f'magnitude 15); "" or "0" turns it off. Got {level!r}.')
+  value = int(text)
+  if value == 0:
+    return None
+  if value > 100:
+    return value // 100, value % 100
+  return 2, value

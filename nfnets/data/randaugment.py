@@ -1,30 +1,47 @@
-"""RandAugment (Cubuk et al. 2019) written in TensorFlow, stateless.
+"""RandAugment (Cubuk et al. 2019, arXiv 1909.13719) in TensorFlow, stateless.
 
-16 ops, as in the TF-TPU `autoaugment.py` the NFNet release used:
-AutoContrast, Equalize, Invert, Rotate, Posterize, Solarize, Color, Contrast,
-Brightness, Sharpness, ShearX, ShearY, TranslateX, TranslateY, Cutout,
-SolarizeAdd. Each of `num_layers` layers picks one op uniformly at random and
-always applies it (PAPER.md: "the chosen op always applied") at the fixed
-magnitude (0..10). A level string '405' means 4 layers, magnitude 5.
+Reference: the NFNet release (github.com/deepmind/deepmind-research,
+nfnets/autoaugment.py `distort_image_with_randaugment`, a copy of the TF-TPU
+AutoAugment/RandAugment code, called from nfnets/dataset.py `_augment_image`).
+The facts below are that code's behaviour; the implementation is our own.
 
-Magnitude -> op argument (`mode`):
-  * 'release' (default): the TF-TPU mapping, quirks included: enhance ops
-    (Color/Contrast/Brightness/Sharpness) use factor = m/10*1.8 + 0.1 (identity
-    at m=5), Posterize keeps int(m/10*4) bits, Solarize threshold = int(m/10*256).
-  * 'increasing': every parametric op is the identity at m=0 and gets stronger
-    with m: factor = 1 +- 0.9*m/10, bits = 8 - int(m/10*4),
-    threshold = 256 - int(m/10*256).
-Rotate (30 deg), Shear (0.3), Translate and Cutout use the same mapping in both
-modes (identity at m=0, random sign where signed). Translate (100 px) and
-Cutout (40 px) are defined for 224 px images in the release; here they scale
-with the image size (x size/224) so tiny images (digits) stay sensible.
-Differences from the TF-TPU code, on purpose: Contrast blends with the real
-mean grey level (TF-TPU divides the pixel count by 256, a known bug); Posterize
-with 0 bits is explicitly black; the fill value of geometric ops and Cutout is
-128 as in the release.
+16 ops, in the release's order: AutoContrast, Equalize, Invert, Rotate,
+Posterize, Solarize, Color, Contrast, Brightness, Sharpness, ShearX, ShearY,
+TranslateX, TranslateY, Cutout, SolarizeAdd. Each of `num_layers` layers picks
+one op uniformly at random and always applies it (the release draws a
+probability per op but never uses it) at the fixed magnitude, MAX_LEVEL = 10
+being the nominal maximum (NFNets use 5..15). A level string '405' means
+4 layers, magnitude 5 (see `nfnets.data.preprocess.parse_randaug`).
 
-All randomness is stateless (seed: [2] int tensor). Input and output are
-uint8 [H, W, 3].
+Magnitude m -> op argument, with l = m / 10 (Python float arithmetic, i.e.
+float64, then float32 / int as the release does):
+  Rotate l*30 degrees, ShearX/Y l*0.3, TranslateX/Y l*100 px (all with a
+  random sign); Cutout half-size int(l*40) px (a 2*half-size square box);
+  SolarizeAdd int(l*110) added below 128. Translate and Cutout are absolute
+  pixel counts (translate_const 100, cutout_const 40), whatever the image size:
+  at 384 px and m=15 the shift is 150 px, the box 120 px; on small images
+  (e.g. 32 px digits) the same magnitudes wipe most of the image.
+`mode` chooses the mapping of the remaining parametric ops:
+  * 'release' (default): the release exactly, quirks included: enhance ops
+    (Color/Contrast/Brightness/Sharpness) use factor l*1.8 + 0.1 (identity at
+    m=5); Posterize keeps bits = int(l*4) (the shift 8-bits is a uint8 and TF
+    clamps shifts to 7, so 0 bits keeps the top bit); Solarize threshold
+    int(l*256) is converted to uint8, i.e. taken mod 256 (m=10 inverts every
+    pixel, m=15 solarizes at 128); Contrast blends with a constant grey of
+    min(H*W/256, 255) -- the release sums the grey histogram (the pixel count)
+    and divides by 256 instead of taking the mean grey level.
+  * 'increasing': every op is the identity at m=0 and grows with m, as the
+    RandAugment paper describes: factor 1 +- 0.9*l, bits 8 - int(l*4) (0 bits
+    is black), threshold 256 - int(l*256) (no wrap-around), and Contrast
+    blends with the image's rounded mean grey (PIL ImageEnhance.Contrast).
+    Kept because the release's mapping is not monotonic in m, which makes
+    magnitude sweeps on other datasets hard to read.
+Geometric ops use nearest-neighbour sampling and, like Cutout, fill with grey
+128 (the release's `replace` value). All float -> uint8 conversions truncate
+after clipping to 0..255 (TF's cast), as in the release.
+
+All randomness is stateless (seed: [2] int tensor). Ops take and return uint8
+[H, W, 3]; `randaugment_image` also takes float images as the release does.
 """
 import math
 
@@ -32,9 +49,8 @@ import tensorflow as tf
 
 MAX_LEVEL = 10.
 FILL_VALUE = 128
-_REF_SIZE = 224.
-_TRANSLATE_CONST = 100.
-_CUTOUT_CONST = 40.
+TRANSLATE_CONST = 100.  # px at l = m/10 = 1 (release translate_const).
+CUTOUT_CONST = 40.      # half-size px at l = 1 (release cutout_const).
 
 OP_NAMES = (
     'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
@@ -45,22 +61,24 @@ MODES = ('release', 'increasing')
 
 # ---------------------------------------------------------------------------
 # Helpers.
-def _to_uint8(x):
-  return tf.cast(tf.clip_by_value(tf.round(x), 0., 255.), tf.uint8)
+def _trunc_uint8(x):
+  """float -> uint8 as the release does it: clip to 0..255, cast (truncate)."""
+  return tf.cast(tf.clip_by_value(x, 0., 255.), tf.uint8)
 
 
 def blend(image1, image2, factor):
-  """image1 + factor * (image2 - image1), clipped; factor 1 returns image2."""
+  """image1 + factor * (image2 - image1) in float32, clipped and truncated.
+
+  factor 0 returns image1, factor 1 returns image2; above 1 extrapolates.
+  """
   f1 = tf.cast(image1, tf.float32)
   f2 = tf.cast(image2, tf.float32)
-  return _to_uint8(f1 + tf.cast(factor, tf.float32) * (f2 - f1))
+  return _trunc_uint8(f1 + tf.cast(factor, tf.float32) * (f2 - f1))
 
 
 def _grayscale(image):
-  """uint8 [H, W, 1] luma (ITU-R 601-2, as tf.image.rgb_to_grayscale)."""
-  f = tf.cast(image, tf.float32)
-  gray = f[..., 0:1] * 0.2989 + f[..., 1:2] * 0.5870 + f[..., 2:3] * 0.1140
-  return _to_uint8(gray)
+  """uint8 [H, W, 1] luma, exactly `tf.image.rgb_to_grayscale` (as released)."""
+  return tf.image.rgb_to_grayscale(image)
 
 
 def _transform(image, transform):
@@ -83,22 +101,18 @@ def _random_sign(value, seed):
   return tf.where(flip, -value, value)
 
 
-def _size_scale(image):
-  shape = tf.shape(image)
-  return tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) / _REF_SIZE
-
-
 # ---------------------------------------------------------------------------
 # The ops. All take uint8 [H, W, 3] and return uint8 of the same shape.
 def autocontrast(image):
+  """Per channel, stretch [min, max] to [0, 255] (x*scale - min*scale)."""
   def scale_channel(ch):
     f = tf.cast(ch, tf.float32)
     lo = tf.reduce_min(f)
     hi = tf.reduce_max(f)
-    scaled = (f - lo) * (255. / tf.maximum(hi - lo, 1.))
-    return tf.where(hi > lo, scaled, f)
-  chans = [scale_channel(image[..., c]) for c in range(3)]
-  return _to_uint8(tf.stack(chans, -1))
+    scale = 255. / tf.maximum(hi - lo, 1.)  # hi - lo >= 1 whenever used.
+    scaled = _trunc_uint8(f * scale + (-lo * scale))
+    return tf.where(hi > lo, scaled, ch)
+  return tf.stack([scale_channel(image[..., c]) for c in range(3)], -1)
 
 
 def equalize(image):
@@ -121,6 +135,7 @@ def invert(image):
 
 
 def rotate(image, degrees):
+  """Rotation about the centre (counter-clockwise for degrees > 0)."""
   shape = tf.shape(image)
   h = tf.cast(shape[0], tf.float32)
   w = tf.cast(shape[1], tf.float32)
@@ -131,16 +146,41 @@ def rotate(image, degrees):
   return _transform(image, tf.stack([cos, -sin, x_off, sin, cos, y_off, 0., 0.]))
 
 
-def posterize(image, bits):
+def posterize(image, bits, release: bool = True):
+  """Keep the top `bits` bits of each value.
+
+  Args:
+    image: uint8 [H, W, 3].
+    bits: int scalar.
+    release: the release's TF semantics: the shift 8 - bits is converted to
+      uint8 (mod 256) and TF's shift ops clamp it to 7, so bits <= 0 or > 8
+      keep the top bit. False: PIL semantics (bits <= 0 is black, > 8 is
+      the identity).
+  """
   bits = tf.cast(bits, tf.int32)
-  shift = 8 - tf.clip_by_value(bits, 0, 8)
+  if release:
+    shift = tf.minimum(tf.math.floormod(8 - bits, 256), 7)
+  else:
+    shift = 8 - tf.clip_by_value(bits, 0, 8)
   q = tf.bitwise.left_shift(tf.bitwise.right_shift(tf.cast(image, tf.int32), shift), shift)
-  return tf.cast(tf.where(bits <= 0, tf.zeros_like(q), q), tf.uint8)
+  return tf.cast(q, tf.uint8)  # shift 8 (PIL, bits 0) gives 0: black.
 
 
-def solarize(image, threshold):
+def solarize(image, threshold, release: bool = True):
+  """Invert the pixels >= threshold.
+
+  Args:
+    image: uint8 [H, W, 3].
+    threshold: int scalar.
+    release: compare with threshold mod 256, as the release does (its
+      Python-int threshold is converted to the image's uint8 dtype, so 256
+      becomes 0: every pixel inverted). False: plain integer comparison.
+  """
   i = tf.cast(image, tf.int32)
-  return tf.cast(tf.where(i < tf.cast(threshold, tf.int32), i, 255 - i), tf.uint8)
+  threshold = tf.cast(threshold, tf.int32)
+  if release:
+    threshold = tf.math.floormod(threshold, 256)
+  return tf.cast(tf.where(i < threshold, i, 255 - i), tf.uint8)
 
 
 def solarize_add(image, addition, threshold=128):
@@ -150,13 +190,29 @@ def solarize_add(image, addition, threshold=128):
 
 
 def color(image, factor):
-  degenerate = tf.tile(_grayscale(image), [1, 1, 3])
+  degenerate = tf.image.grayscale_to_rgb(_grayscale(image))
   return blend(degenerate, image, factor)
 
 
-def contrast(image, factor):
-  mean = tf.reduce_mean(tf.cast(_grayscale(image), tf.float32))
-  degenerate = tf.fill(tf.shape(image), mean)
+def contrast(image, factor, release: bool = True):
+  """Blend with a constant grey image.
+
+  Args:
+    image: uint8 [H, W, 3].
+    factor: blend factor (0 = the grey image, 1 = the image).
+    release: the release's grey level: sum of the 256-bin grey histogram
+      (= the pixel count H*W) / 256, clipped to 255 and truncated -- it does
+      not depend on the pixel values. False: the rounded mean grey level (PIL
+      ImageEnhance.Contrast).
+  """
+  gray = _grayscale(image)
+  if release:
+    hist = tf.histogram_fixed_width(tf.cast(gray, tf.int32), [0, 255], nbins=256)
+    level = tf.reduce_sum(tf.cast(hist, tf.float32)) / 256.
+    level = _trunc_uint8(level)
+  else:
+    level = _trunc_uint8(tf.floor(tf.reduce_mean(tf.cast(gray, tf.float32)) + 0.5))
+  degenerate = tf.fill(tf.shape(image), level)
   return blend(degenerate, image, factor)
 
 
@@ -170,10 +226,10 @@ def sharpness(image, factor):
   kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
   smooth = tf.nn.depthwise_conv2d(f, kernel, [1, 1, 1, 1], padding='VALID')[0]
-  smooth = tf.round(tf.clip_by_value(smooth, 0., 255.))
-  mask = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]])
+  smooth = _trunc_uint8(smooth)
+  mask = tf.pad(tf.ones_like(smooth, tf.bool), [[1, 1], [1, 1], [0, 0]])
   smooth = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
-  degenerate = mask * smooth + (1. - mask) * f[0]
+  degenerate = tf.where(mask, smooth, image)
   return blend(degenerate, image, factor)
 
 
@@ -186,15 +242,21 @@ def shear_y(image, level):
 
 
 def translate_x(image, pixels):
-  return _transform(image, tf.stack([1., 0., -pixels, 0., 1., 0., 0., 0.]))
+  """out[:, x] = image[:, x + pixels]: content moves left for pixels > 0
+  (PIL's and the release's convention); uncovered columns are grey."""
+  pixels = tf.cast(pixels, tf.float32)
+  return _transform(image, tf.stack([1., 0., pixels, 0., 1., 0., 0., 0.]))
 
 
 def translate_y(image, pixels):
-  return _transform(image, tf.stack([1., 0., 0., 0., 1., -pixels, 0., 0.]))
+  """out[y] = image[y + pixels]: content moves up for pixels > 0."""
+  pixels = tf.cast(pixels, tf.float32)
+  return _transform(image, tf.stack([1., 0., 0., 0., 1., pixels, 0., 0.]))
 
 
 def cutout(image, pad_size, seed):
-  """Fill a (2*pad_size)^2 square centred at a random pixel with 128."""
+  """Grey (128) box rows [cy - pad, cy + pad) x cols [cx - pad, cx + pad),
+  clipped to the image, centred at a uniformly random pixel (cy, cx)."""
   shape = tf.shape(image)
   h, w = shape[0], shape[1]
   s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -210,19 +272,41 @@ def cutout(image, pad_size, seed):
 
 # ---------------------------------------------------------------------------
 # Magnitude -> argument, and application.
+def _check_magnitude(magnitude):
+  if isinstance(magnitude, (int, float)) and not isinstance(magnitude, bool):
+    if not magnitude >= 0:
+      raise ValueError(f'RandAugment magnitude must be >= 0, got {magnitude}')
+
+
 def apply_op(image, name: str, magnitude, seed, mode: str = 'release'):
-  """Applies op `name` at `magnitude` (0..10) to uint8 `image`."""
+  """Applies op `name` at `magnitude` (nominally 0..10) to uint8 `image`.
+
+  Args:
+    image: uint8 [H, W, 3].
+    name: one of OP_NAMES.
+    magnitude: number or scalar tensor >= 0.
+    seed: [2] int tensor (random sign, Cutout centre).
+    mode: 'release' or 'increasing' (see the module docstring).
+  """
   if mode not in MODES:
     raise ValueError(f'Unknown RandAugment mode {mode!r}; one of {MODES}')
-  m = tf.cast(magnitude, tf.float32) / MAX_LEVEL
+  if name not in OP_NAMES:
+    raise ValueError(f'Unknown RandAugment op {name!r}; one of {OP_NAMES}')
+  _check_magnitude(magnitude)
+  # l = m / 10 in float64 so that int(l * c) truncates exactly as the
+  # release's Python arithmetic does (e.g. 7/10*40 = 28.000000000000004).
+  lvl = tf.cast(magnitude, tf.float64) / MAX_LEVEL
   seed = tf.cast(seed, tf.int64)
   sign_seed, op_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   release = mode == 'release'
 
+  def as_int(x):
+    return tf.cast(x, tf.int32)  # truncation toward zero, as Python int().
+
   def enhance_factor():
     if release:
-      return m * 1.8 + 0.1
-    return 1. + _random_sign(m * 0.9, sign_seed)
+      return tf.cast(lvl * 1.8 + 0.1, tf.float32)
+    return 1. + _random_sign(lvl * 0.9, sign_seed)
 
   if name == 'AutoContrast':
     out = autocontrast(image)
@@ -231,47 +315,57 @@ def apply_op(image, name: str, magnitude, seed, mode: str = 'release'):
   elif name == 'Invert':
     out = invert(image)
   elif name == 'Rotate':
-    out = rotate(image, _random_sign(m * 30., sign_seed))
+    out = rotate(image, _random_sign(lvl * 30., sign_seed))
   elif name == 'Posterize':
-    bits = tf.cast(m * 4., tf.int32)
-    out = posterize(image, bits if release else 8 - bits)
+    bits = as_int(lvl * 4.)
+    out = posterize(image, bits, release=True) if release else posterize(
+        image, 8 - bits, release=False)
   elif name == 'Solarize':
-    thr = tf.cast(m * 256., tf.int32)
-    out = solarize(image, thr if release else 256 - thr)
+    thr = as_int(lvl * 256.)
+    out = solarize(image, thr, release=True) if release else solarize(
+        image, 256 - thr, release=False)
   elif name == 'SolarizeAdd':
-    out = solarize_add(image, tf.cast(m * 110., tf.int32))
+    out = solarize_add(image, as_int(lvl * 110.))
   elif name == 'Color':
     out = color(image, enhance_factor())
   elif name == 'Contrast':
-    out = contrast(image, enhance_factor())
+    out = contrast(image, enhance_factor(), release=release)
   elif name == 'Brightness':
     out = brightness(image, enhance_factor())
   elif name == 'Sharpness':
     out = sharpness(image, enhance_factor())
   elif name == 'ShearX':
-    out = shear_x(image, _random_sign(m * 0.3, sign_seed))
+    out = shear_x(image, _random_sign(lvl * 0.3, sign_seed))
   elif name == 'ShearY':
-    out = shear_y(image, _random_sign(m * 0.3, sign_seed))
+    out = shear_y(image, _random_sign(lvl * 0.3, sign_seed))
   elif name == 'TranslateX':
-    px = m * _TRANSLATE_CONST * _size_scale(image)
-    out = translate_x(image, _random_sign(px, sign_seed))
+    out = translate_x(image, _random_sign(lvl * TRANSLATE_CONST, sign_seed))
   elif name == 'TranslateY':
-    px = m * _TRANSLATE_CONST * _size_scale(image)
-    out = translate_y(image, _random_sign(px, sign_seed))
-  elif name == 'Cutout':
-    pad = tf.cast(m * _CUTOUT_CONST * _size_scale(image), tf.int32)
-    out = cutout(image, pad, op_seed)
-  else:
-    raise ValueError(f'Unknown RandAugment op {name!r}')
-  out = tf.ensure_shape(out, image.shape)
-  return out
+    out = translate_y(image, _random_sign(lvl * TRANSLATE_CONST, sign_seed))
+  else:  # Cutout
+    out = cutout(image, as_int(lvl * CUTOUT_CONST), op_seed)
+  return tf.ensure_shape(out, image.shape)
 
 
 def randaugment(image, seed, num_layers: int, magnitude, mode: str = 'release'):
-  """`num_layers` uniformly chosen ops, each always applied, on uint8 image."""
+  """`num_layers` uniformly chosen ops, each always applied, on a uint8 image.
+
+  Args:
+    image: uint8 [H, W, 3].
+    seed: [2] int tensor.
+    num_layers: number of ops applied in sequence (>= 0).
+    magnitude: shared magnitude (>= 0).
+    mode: 'release' or 'increasing' (see the module docstring).
+  """
   image = tf.convert_to_tensor(image)
   if image.dtype != tf.uint8:
-    raise TypeError(f'randaugment expects uint8 images, got {image.dtype}')
+    raise TypeError(f'randaugment expects uint8 images, got {image.dtype}; '
+                    'use randaugment_image for float images')
+  if mode not in MODES:
+    raise ValueError(f'Unknown RandAugment mode {mode!r}; one of {MODES}')
+  if isinstance(num_layers, int) and num_layers < 0:
+    raise ValueError(f'num_layers must be >= 0, got {num_layers}')
+  _check_magnitude(magnitude)
   seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num_layers)
   shape = image.shape
 
@@ -289,3 +383,32 @@ def randaugment(image, seed, num_layers: int, magnitude, mode: str = 'release'):
   _, image = tf.while_loop(lambda i, _: i < num_layers, layer,
                            (tf.constant(0), image))
   return tf.ensure_shape(image, shape)
+
+
+def randaugment_image(image, seed, num_layers: int, magnitude,
+                      mode: str = 'release'):
+  """RandAugment on an image of any dtype, converted as the release does.
+
+  The release (nfnets/dataset.py `_augment_image`) clips a float image to
+  0..255, casts it to uint8 (truncating), augments, and casts back to the
+  input dtype. uint8 input goes straight to `randaugment`.
+
+  Args:
+    image: [H, W, 3] uint8 or float (0..255 scale; overshoot is clipped).
+    seed: [2] int tensor.
+    num_layers: number of ops applied in sequence.
+    magnitude: shared magnitude.
+    mode: 'release' or 'increasing'.
+
+  Returns:
+    The augmented image in the input dtype.
+  """
+  image = tf.convert_to_tensor(image)
+  dtype = image.dtype
+  if dtype == tf.uint8:
+    return randaugment(image, seed, num_layers, magnitude, mode)
+  if not dtype.is_floating:
+    raise TypeError(f'randaugment_image expects uint8 or float images, got {dtype}')
+  out = randaugment(_trunc_uint8(tf.cast(image, tf.float32)), seed, num_layers,
+                    magnitude, mode)
+  return tf.cast(out, dtype)
