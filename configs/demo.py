@@ -14,14 +14,11 @@ from nfnets import config as config_lib
 def get_config():
   config = config_lib.base_config('F0')
   config_lib.use_demo_model(config)  # F0 at 1/8 width, one block per stage
-  config_lib.use_digits(config)  # 10 classes, 32 px, random crop only
+  config_lib.use_digits(config)  # 10 classes, 32 px, batch 64
 
   config.optim.lr = 0.4  # x batch / 256
   config.optim.warmup_epochs = 1.0
-  config.optim.agc_clipping = 'by_batch'  # 0.08 at batch 64
-  config.optim.weight_decay = 5e-5
 
-  config.train.batch_size = 64
   config.train.num_epochs = 30.0
   config.train.log_every_steps = 50
   config.train.eval_every_steps = 200

@@ -43,7 +43,7 @@ def get_config(arg: str = 'demo'):
   config = config_lib.base_config('F0' if arg == 'demo' else arg)
   if arg == 'demo':
     config_lib.use_demo_model(config)  # configs/demo.py's model
-  config_lib.use_digits(config)  # 10 classes, 32 px, no MixUp/RandAugment
+  config_lib.use_digits(config)  # 10 classes, 32 px, batch 64
 
   config.init.params = 'ema'
   config.init.reset_classifier = True
@@ -51,11 +51,8 @@ def get_config(arg: str = 'demo'):
 
   config.optim.lr = 0.04  # x batch / 256: 10x lower than the demo
   config.optim.warmup_epochs = 0.5
-  config.optim.agc_clipping = 'by_batch'  # 0.08 at batch 64
-  config.optim.weight_decay = 5e-5
   config.optim.ema_decay = 0.999
 
-  config.train.batch_size = 64
   config.train.num_epochs = 5.0
   config.train.log_every_steps = 20
   config.train.eval_every_steps = 0

@@ -178,7 +178,8 @@ def use_demo_model(config: ml_collections.ConfigDict) -> None:
 
 def use_digits(config: ml_collections.ConfigDict) -> None:
   """The embedded digits dataset (10 classes, 32 px, no download), without
-  RandAugment / MixUp / CutMix (the pipeline's random crop only)."""
+  RandAugment / MixUp / CutMix (the pipeline's random crop only), at batch
+  64 with weight decay 5e-5 and the AGC threshold for that batch (0.08)."""
   config.model.num_classes = 10
   config.data.name = 'digits'
   config.data.train_split = 'train'
@@ -190,6 +191,9 @@ def use_digits(config: ml_collections.ConfigDict) -> None:
   config.data.cutmix = False
   config.data.label_smoothing = 0.1
   config.data.shuffle_buffer = 2000
+  config.optim.weight_decay = 5e-5
+  config.optim.agc_clipping = BY_BATCH  # 0.08 at batch 64
+  config.train.batch_size = 64
   config.train.eval_batch_size = 200
   config.train.sync_every_steps = 10
 
@@ -337,13 +341,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
       if value is not None and value % num_devices:
         fail(f'train.{field}', f'{value} is not divisible by the '
              f'{num_devices} devices; use a multiple of {num_devices}')
-  k = config.train.grad_accum_steps
-  if config.train.batch_size is not None and num_devices and k > 1:
-    per_device = config.train.batch_size // num_devices
+  k, batch = config.train.grad_accum_steps, config.train.batch_size
+  if batch is not None and k > 1:
+    per_device = batch // (num_devices or 1)
     if per_device % k:
-      fail('train.grad_accum_steps', f'the per-device batch {per_device} '
-           f'(batch_size {config.train.batch_size} / {num_devices} devices) '
-           f'is not divisible into {k} micro-batches')
+      where = (f' (batch_size {batch} / {num_devices} devices)'
+               if num_devices else '')
+      fail('train.grad_accum_steps', f'the per-device batch {per_device}'
+           f'{where} is not divisible into {k} micro-batches')
   if config.train.log_level not in LOG_LEVELS:
     fail('train.log_level', f'must be one of {LOG_LEVELS}, got '
          f'{config.train.log_level!r}')

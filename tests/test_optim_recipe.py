@@ -377,3 +377,19 @@ def test_sam_pmean_ascent_on_devices():
   gbar = np.asarray(a).mean(0) * w
   e = rho * gbar / np.linalg.norm(gbar)
   np.testing.assert_allclose(g, np.asarray(a) * (w + e), rtol=1e-5)
+
+
+def test_one_classifier_definition():
+  """The module-path and param-path forms agree; AGC skips only weights."""
+  for root in ('NFNet', 'NF_ResNet', 'NF_RegNet', 'NFResNet'):
+    assert nfo.is_classifier_module(f'{root}/~/linear')
+    for leaf in ('w', 'b'):
+      assert nfo.is_classifier(f'{root}/~/linear/{leaf}')
+    assert nfo.is_agc_excluded(f'{root}/~/linear/w')
+    assert not nfo.is_agc_excluded(f'{root}/~/linear/b')
+  for other in ('NFNet/~/nf_block/~/squeeze_excite/~/linear',
+                'NFNet/~/linear_1', 'NFNet/~/final_conv'):
+    assert not nfo.is_classifier_module(other)
+    assert not nfo.is_classifier(other + '/w')
+    assert not nfo.is_agc_excluded(other + '/w')
+  assert nfo.CLASSIFIER_REGEX.startswith(nfo.CLASSIFIER_MODULE_REGEX[:-1])
