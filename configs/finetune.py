@@ -35,49 +35,26 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from nfnets.config import base_config  # noqa: E402
+from nfnets import config as config_lib  # noqa: E402
 
 
 def get_config(arg: str = 'demo'):
   arg = arg or 'demo'
+  config = config_lib.base_config('F0' if arg == 'demo' else arg)
   if arg == 'demo':
-    # configs/demo.py's model: F0 at 1/8 width, one block per stage.
-    config = base_config('F0')
-    config.model.kwargs.width = 0.125
-    config.model.kwargs.depth = (1, 1, 1, 1)
-    config.model.kwargs.group_size = 16
-    config.model.kwargs.stochdepth_rate = 0.0
-    config.model.kwargs.drop_rate = 0.1
-    config.model.compute_dtype = 'float32'
-  else:
-    config = base_config(arg)  # the variant's architecture (and dropout)
-
-  config.model.num_classes = 10
-  config.data.name = 'digits'
-  config.data.train_split = 'train'
-  config.data.eval_split = 'test'
-  config.data.image_size = 32
-  config.data.eval_image_size = 32
-  config.data.randaug = ''
-  config.data.mixup_alpha = 0.0
-  config.data.cutmix = False
-  config.data.label_smoothing = 0.1
-  config.data.shuffle_buffer = 2000
+    config_lib.use_demo_model(config)  # configs/demo.py's model
+  config_lib.use_digits(config)  # 10 classes, 32 px, batch 64
 
   config.init.params = 'ema'
   config.init.reset_classifier = True
   config.train.freeze_body = False
 
-  config.optim.lr_per_256 = 0.04
+  config.optim.lr = 0.04  # x batch / 256: 10x lower than the demo
   config.optim.warmup_epochs = 0.5
-  config.optim.weight_decay = 5e-5
   config.optim.ema_decay = 0.999
 
-  config.train.batch_size = 64
   config.train.num_epochs = 5.0
-  config.train.eval_batch_size = 200
   config.train.log_every_steps = 20
-  config.train.sync_every_steps = 10
   config.train.eval_every_steps = 0
   config.train.checkpoint_every_steps = 0
   config.lock()

@@ -45,10 +45,17 @@ def np_agc_leaf(g, w, clipping, eps=1e-3):
 
 def test_default_config():
   c = default_optim_config()
-  assert c.lr_per_256 == 0.1 and c.warmup_epochs == 5 and c.momentum == 0.9
-  assert c.nesterov and c.weight_decay == 2e-5 and c.agc_clipping is None
+  assert c.lr == 0.1 and c.lr_scaling == 'linear' and c.warmup_epochs == 5
+  assert c.momentum == 0.9 and c.cosine_end_lr == 0.0 and c.use_agc
+  assert c.nesterov and c.weight_decay == 2e-5 and c.agc_clipping == 0.01
   assert c.agc_eps == 1e-3 and c.ema_decay == 0.99999 and c.sam_rho == 0.0
-  c.agc_clipping = 0.05  # placeholder accepts a float
+  c.lock()
+  c.agc_clipping = 0.05  # accepts a float ...
+  c.agc_clipping = 'by_batch'  # ... or the table's name
+  p = default_optim_config(family_placeholders=True)
+  assert all(p[k] is None for k in nfo.FAMILY_FIELDS)
+  with pytest.raises(ValueError, match='optim.lr.*resolve'):
+    make_optimizer(p, batch_size=256, steps_per_epoch=10, total_steps=100)
 
 
 def test_clipping_table():
@@ -118,7 +125,9 @@ def test_agc_not_on_classifier():
   for k in params:
     for n in params[k]:
       g, w = grads[k][n], params[k][n]
-      expect = g if k == 'NFNet/~/linear' else np_agc_leaf(g, w, 0.01)
+      # The release clips the classifier's bias, not its weight.
+      skip = (k, n) == ('NFNet/~/linear', 'w')
+      expect = g if skip else np_agc_leaf(g, w, 0.01)
       np.testing.assert_allclose(u[k][n], -lr0 * expect, rtol=1e-5,
                                  err_msg=f'{k}/{n}')
   # the classifier was above threshold, so excluding it mattered
@@ -131,15 +140,15 @@ def test_agc_clipping_override():
   params = haiku_like_tree(2)
   grads = jax.tree.map(lambda p: np.full(np.shape(p), 5.0, np.float32), params)
   base = dict(warmup_epochs=0, weight_decay=0.0, momentum=0.0)
-  tx_table, lr = make_optimizer(cfg_with(**base), batch_size=1024,
-                                steps_per_epoch=10, total_steps=100)
-  tx_over, _ = make_optimizer(cfg_with(agc_clipping=0.3, **base),
-                              batch_size=1024, steps_per_epoch=10,
-                              total_steps=100)
+  make = lambda **kw: make_optimizer(cfg_with(**base, **kw), batch_size=1024,
+                                     steps_per_epoch=10, total_steps=100)
+  tx_default, lr = make()
+  tx_table, _ = make(agc_clipping='by_batch')
+  tx_over, _ = make(agc_clipping=0.3)
   lr0 = float(lr(0))
   w = params['NFNet/~/stem_conv0']['w']
   g = grads['NFNet/~/stem_conv0']['w']
-  for tx, c in ((tx_table, 0.04), (tx_over, 0.3)):
+  for tx, c in ((tx_default, 0.01), (tx_table, 0.04), (tx_over, 0.3)):
     u, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(u['NFNet/~/stem_conv0']['w'],
                                -lr0 * np_agc_leaf(g, w, c), rtol=1e-5)
@@ -169,8 +178,8 @@ def test_nesterov_two_steps_hand_computed():
       new_p[k], new_m[k] = {}, {}
       for n in ref_p[k]:
         w, g = ref_p[k][n], np.asarray(grads[t][k][n], np.float64)
-        if k != 'NFNet/~/linear':
-          g = np_agc_leaf(g, w, 0.02)
+        if (k, n) != ('NFNet/~/linear', 'w'):  # the classifier bias is clipped
+          g = np_agc_leaf(g, w, 0.01)
         if np.ndim(w) >= 2:
           g = g + 1e-3 * w
         m = 0.9 * ref_m[k][n] + g
@@ -198,6 +207,101 @@ def test_bad_arguments():
     make_optimizer(None, batch_size=256, steps_per_epoch=10, total_steps=50)
   with pytest.raises(ValueError, match='positive'):
     make_optimizer(None, batch_size=0, steps_per_epoch=10, total_steps=50)
+
+
+# ------------------------------------------------------------------------------
+# Schedule lengths and values as in DeepMind's release.
+
+IMAGENET_TRAIN = 1_281_167
+
+
+def release_lr(itr, max_val, num_steps, warmup_steps, min_val=0.0):
+  """The release's optim.WarmupCosineDecay (start_val 0), in float64."""
+  warmup_val = max_val * itr / warmup_steps
+  cos_itr = (itr - warmup_steps) / (num_steps - warmup_steps)
+  cos_val = 0.5 * (max_val - min_val) * (1 + math.cos(math.pi * cos_itr))
+  cos_val += min_val
+  return cos_val if warmup_steps < itr else warmup_val
+
+
+def test_training_steps_as_release():
+  total, per_epoch = nfo.training_steps(IMAGENET_TRAIN, 4096, 360)
+  # experiment_nfnets.py: (images_per_epoch * num_epochs) // batch
+  assert total == (IMAGENET_TRAIN * 360) // 4096 == 112_602
+  assert per_epoch == IMAGENET_TRAIN / 4096
+  # not rounded per epoch first (that gave 312 * 360 = 112,320)
+  assert total != (IMAGENET_TRAIN // 4096) * 360
+  assert nfo.training_steps(IMAGENET_TRAIN, 1024, 360).total_steps == 450_410
+  assert nfo.training_steps(1797, 64, 2.5) == (70, 1797 / 64)
+  assert nfo.training_steps(1797, 64, 30.0, num_steps=7) == (7, 1797 / 64)
+  with pytest.raises(ValueError, match='less than one step'):
+    nfo.training_steps(100, 64, 0.5)
+  with pytest.raises(ValueError, match='num_epochs'):
+    nfo.training_steps(100, 64, 0)
+
+
+@pytest.mark.parametrize('family', ['nfnet', 'nf_regnet'])
+def test_lr_matches_release_schedule(family):
+  if family == 'nfnet':  # experiment_nfnets.py: 0.1 x 4096 / 256, min 0
+    batch, cfg, peak, floor = 4096, cfg_with(), 1.6, 0.0
+  else:  # experiment_nf_regnets.py: 0.4 unscaled, min_val 0.001
+    batch, peak, floor = 1024, 0.4, 0.001
+    cfg = cfg_with(lr=0.4, lr_scaling='none', cosine_end_lr=0.001,
+                   use_agc=False, weight_decay=5e-5)
+  total, per_epoch = nfo.training_steps(IMAGENET_TRAIN, batch, 360)
+  _, lr = make_optimizer(cfg, batch_size=batch, steps_per_epoch=per_epoch,
+                         total_steps=total)
+  warmup = 5 * IMAGENET_TRAIN / batch  # a float: 1563.92 steps for F0
+  assert warmup != int(warmup)
+  w = int(warmup)
+  for step in (0, 1, 17, w - 1, w, w + 1, w + 2, total // 3, total // 2,
+               total - 100, total - 1):
+    expect = release_lr(step, peak, total, warmup, floor)
+    assert float(lr(step)) == pytest.approx(expect, rel=2e-5, abs=1e-7), step
+  assert float(lr(total)) == pytest.approx(floor, abs=1e-7)
+
+
+def test_agc_clipping_values():
+  assert nfo.agc_clipping_value(0.02, 64) == 0.02
+  assert nfo.agc_clipping_value('by_batch', 64) == 0.08
+  assert nfo.agc_clipping_value('by_batch', 4096) == 0.01
+  for bad in ('by_bach', -0.1, 0.0, True, None):
+    with pytest.raises(ValueError, match='agc_clipping'):
+      nfo.agc_clipping_value(bad, 64)
+
+
+def test_freeze_body_zero_updates_and_no_body_state():
+  params = haiku_like_tree(3)
+  rng = np.random.default_rng(4)
+  grads = jax.tree.map(
+      lambda p: rng.standard_normal(np.shape(p)).astype(np.float32), params)
+  cfg = cfg_with(warmup_epochs=0)
+  kw = dict(batch_size=256, steps_per_epoch=10, total_steps=100)
+  tx_frozen, _ = make_optimizer(cfg, freeze_body=True, **kw)
+  tx_full, _ = make_optimizer(cfg, **kw)
+  state = tx_frozen.init(params)
+  # Optimizer state (the momentum trace) exists for the classifier only.
+  state_shapes = sorted(np.shape(x) for x in jax.tree.leaves(state)
+                        if np.ndim(x) > 0)
+  classifier = params['NFNet/~/linear']
+  assert state_shapes == sorted(np.shape(v) for v in classifier.values())
+  u_frozen, state = tx_frozen.update(grads, state, params)
+  u_full, _ = tx_full.update(grads, tx_full.init(params), params)
+  for k in params:
+    for n in params[k]:
+      if k == 'NFNet/~/linear':  # the classifier: the normal recipe's update
+        np.testing.assert_allclose(u_frozen[k][n], u_full[k][n], rtol=1e-6)
+        assert np.any(np.asarray(u_frozen[k][n]) != 0)
+      else:
+        np.testing.assert_array_equal(u_frozen[k][n], 0.0, err_msg=f'{k}/{n}')
+  # a second step keeps working (state round-trips)
+  tx_frozen.update(grads, state, params)
+  with pytest.raises(ValueError, match='classifier_regex'):
+    make_optimizer(cfg_with(classifier_regex=None), freeze_body=True,
+                   **kw)[0].init(params)
+  with pytest.raises(ValueError, match='matches no leaf'):
+    make_optimizer(cfg_with(classifier_regex='^nothing$'), freeze_body=True,
+                   **kw)[0].init(params)
 
 
 # ------------------------------------------------------------------------------
@@ -273,3 +377,19 @@ def test_sam_pmean_ascent_on_devices():
   gbar = np.asarray(a).mean(0) * w
   e = rho * gbar / np.linalg.norm(gbar)
   np.testing.assert_allclose(g, np.asarray(a) * (w + e), rtol=1e-5)
+
+
+def test_one_classifier_definition():
+  """The module-path and param-path forms agree; AGC skips only weights."""
+  for root in ('NFNet', 'NF_ResNet', 'NF_RegNet', 'NFResNet'):
+    assert nfo.is_classifier_module(f'{root}/~/linear')
+    for leaf in ('w', 'b'):
+      assert nfo.is_classifier(f'{root}/~/linear/{leaf}')
+    assert nfo.is_agc_excluded(f'{root}/~/linear/w')
+    assert not nfo.is_agc_excluded(f'{root}/~/linear/b')
+  for other in ('NFNet/~/nf_block/~/squeeze_excite/~/linear',
+                'NFNet/~/linear_1', 'NFNet/~/final_conv'):
+    assert not nfo.is_classifier_module(other)
+    assert not nfo.is_classifier(other + '/w')
+    assert not nfo.is_agc_excluded(other + '/w')
+  assert nfo.CLASSIFIER_REGEX.startswith(nfo.CLASSIFIER_MODULE_REGEX[:-1])

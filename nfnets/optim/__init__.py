@@ -7,8 +7,11 @@ from nfnets.optim.agc import unitwise_norm
 from nfnets.optim.ema import ema_decay
 from nfnets.optim.ema import ema_update
 from nfnets.optim.masks import agc_mask
+from nfnets.optim.masks import CLASSIFIER_MODULE_REGEX
 from nfnets.optim.masks import CLASSIFIER_REGEX
+from nfnets.optim.masks import is_agc_excluded
 from nfnets.optim.masks import is_classifier
+from nfnets.optim.masks import is_classifier_module
 from nfnets.optim.masks import NO_DECAY_NAMES
 from nfnets.optim.masks import param_labels
 from nfnets.optim.masks import path_to_str
@@ -16,30 +19,47 @@ from nfnets.optim.masks import tree_paths
 from nfnets.optim.masks import weight_decay_mask
 from nfnets.optim.recipe import AGC_CLIPPING_TABLE
 from nfnets.optim.recipe import agc_clipping_for_batch_size
+from nfnets.optim.recipe import agc_clipping_value
+from nfnets.optim.recipe import BY_BATCH
 from nfnets.optim.recipe import default_optim_config
+from nfnets.optim.recipe import FAMILY_FIELDS
+from nfnets.optim.recipe import LR_SCALINGS
 from nfnets.optim.recipe import make_optimizer
+from nfnets.optim.recipe import peak_learning_rate
+from nfnets.optim.recipe import training_steps
+from nfnets.optim.recipe import TrainingSteps
 from nfnets.optim.recipe import warmup_cosine_schedule
 from nfnets.optim.sam import sam_gradients
 from nfnets.optim.sam import sam_perturbation
 
 __all__ = [
     'AGC_CLIPPING_TABLE',
+    'BY_BATCH',
+    'CLASSIFIER_MODULE_REGEX',
     'CLASSIFIER_REGEX',
+    'FAMILY_FIELDS',
+    'LR_SCALINGS',
     'NO_DECAY_NAMES',
     'adaptive_grad_clip',
     'agc_clipping_for_batch_size',
+    'agc_clipping_value',
     'agc_mask',
     'clip_leaf',
     'default_optim_config',
     'default_unit_axes',
     'ema_decay',
     'ema_update',
+    'is_agc_excluded',
     'is_classifier',
+    'is_classifier_module',
     'make_optimizer',
     'param_labels',
     'path_to_str',
+    'peak_learning_rate',
     'sam_gradients',
     'sam_perturbation',
+    'training_steps',
+    'TrainingSteps',
     'tree_paths',
     'unitwise_norm',
     'warmup_cosine_schedule',

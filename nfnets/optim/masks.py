@@ -6,12 +6,22 @@ the path of the classifier kernel is ``'NFNet/~/linear/w'``; for nested dicts,
 lists, tuples or dataclasses the keys / indices / attribute names are joined
 the same way (``{'a': [x, y]}`` -> ``'a/0'``, ``'a/1'``).
 
-The NFNet recipe has three parameter groups:
+The NFNet recipe has three parameter groups (as in DeepMind's release,
+``experiment_nfnets.py``):
 
-* the final classifier (``'<root>/~/linear'``): no AGC (the paper does not
-  clip the final linear layer);
+* the final classifier's *weight* (``'<root>/~/linear/w'``): no AGC (the
+  paper, arXiv 2102.06171 Sec. 4.1, does not clip the final linear layer; the
+  release partitions out the classifier's weights only, so its bias is
+  clipped with the other gains / biases);
 * gains, biases, ``skip_gain`` and other 1-D / scalar leaves: no weight decay;
 * everything else: AGC and weight decay.
+
+There is ONE definition of "the classifier": :data:`CLASSIFIER_MODULE_REGEX`
+(the Haiku module path, e.g. ``'NFNet/~/linear'``) and :data:`CLASSIFIER_REGEX`
+(every parameter of that module, e.g. ``'NFNet/~/linear/w'`` and ``'/b'``),
+used for fine-tuning (re-initialising / training only the classifier); the
+AGC exclusion is derived from it (:func:`is_agc_excluded`: the classifier's
+leaves that are not gains / biases by name).
 
 :func:`agc_mask`, :func:`weight_decay_mask` and :func:`param_labels` compute
 these groups for :func:`optax.masked` / :func:`optax.partition` (they accept
@@ -27,12 +37,16 @@ import jax
 
 PyTree = Any
 
-# The top-level (root) module named exactly 'linear': 'NFNet/~/linear/w' and
-# 'NFNet/~/linear/b' match (and 'NFNet/linear/w', Haiku's name when the layer
-# is created inside __call__ rather than __init__);
-# 'NFNet/~/nf_block/~/squeeze_excite/~/linear/w' and 'NFNet/~/linear_1/w' do
-# not.
-CLASSIFIER_REGEX = r'^[^/]+/(?:~/)?linear/[^/]+$'
+# The top-level (root) module named exactly 'linear', as a Haiku module path:
+# 'NFNet/~/linear', 'NFResNet/~/linear', 'NFRegNet/~/linear' (and
+# 'NFNet/linear', Haiku's name when the layer is created inside __call__
+# rather than __init__); 'NFNet/~/nf_block/~/squeeze_excite/~/linear' and
+# 'NFNet/~/linear_1' do not match.
+CLASSIFIER_MODULE_REGEX = r'^[^/]+/(?:~/)?linear$'
+
+# Every parameter of that module, as a '/'-joined param path
+# ('NFNet/~/linear/w', 'NFNet/~/linear/b').
+CLASSIFIER_REGEX = CLASSIFIER_MODULE_REGEX[:-1] + r'/[^/]+$'
 
 # Param names that never get weight decay (same list as DeepMind's release:
 # name in ['scale', 'offset', 'b'] or 'gain' in name or 'bias' in name).
@@ -82,10 +96,32 @@ def _sample_paths(tree: PyTree, n: int = 5) -> list[str]:
 
 def is_classifier(path: str,
                   classifier_regex: Optional[str] = CLASSIFIER_REGEX) -> bool:
-  """Whether ``path`` belongs to the final classifier."""
+  """Whether the param path ``path`` belongs to the final classifier."""
   if classifier_regex is None:
     return False
   return re.search(classifier_regex, path) is not None
+
+
+def is_classifier_module(module_path: str) -> bool:
+  """Whether a Haiku module path (``'NFNet/~/linear'``) is the classifier."""
+  return re.search(CLASSIFIER_MODULE_REGEX, module_path) is not None
+
+
+def _is_gain_or_bias(name: str) -> bool:
+  """The release's gains/biases predicate on a param name."""
+  return name in ('scale', 'offset', 'b') or 'gain' in name or 'bias' in name
+
+
+def is_agc_excluded(path: str,
+                    classifier_regex: Optional[str] = CLASSIFIER_REGEX) -> bool:
+  """Whether AGC skips the leaf at ``path``: the classifier's weights.
+
+  The classifier's gains / biases (Haiku's ``b``) are clipped, as in the
+  release, which puts them in the gains/biases group before separating the
+  final linear layer's weights.
+  """
+  return (is_classifier(path, classifier_regex)
+          and not _is_gain_or_bias(_leaf_name(path)))
 
 
 def agc_mask(params: PyTree,
@@ -95,19 +131,19 @@ def agc_mask(params: PyTree,
              missing_ok: bool = False) -> PyTree:
   """Boolean tree: True where adaptive gradient clipping applies.
 
-  False for the final classifier (``classifier_regex``, searched in each
-  leaf's path string) and for any leaf whose path matches one of the
-  ``exclude`` regexes.  Use with ``optax.masked(adaptive_grad_clip(...),
+  False for the final classifier's weights (the leaves of
+  ``classifier_regex``, searched in each leaf's path string, that are not
+  gains / biases: :func:`is_agc_excluded`) and for any leaf whose path
+  matches one of the ``exclude`` regexes.  Use with ``optax.masked(adaptive_grad_clip(...),
   agc_mask)``.
 
   Args:
     params: any param tree (Haiku dict-of-dicts, nested containers, ...).
     classifier_regex: regex for the classifier's leaves; the default matches
       the root-level module named exactly ``linear`` (``'NFNet/~/linear/w'``
-      and ``'.../b'``) but not ``squeeze_excite/~/linear``.  To reproduce
-      DeepMind's release exactly (which excluded only the classifier kernel
-      and clipped its bias together with the gains/biases) use
-      ``r'^[^/]+/(?:~/)?linear/w$'``.  ``None``: no classifier exclusion.
+      and ``'.../b'``) but not ``squeeze_excite/~/linear``.  Only its
+      weights are excluded (``w``; ``b`` is clipped, as in DeepMind's
+      release).  ``None``: no classifier exclusion.
     exclude: extra regexes of paths to exclude from AGC.
     missing_ok: if False (default) and ``classifier_regex`` matches no leaf,
       raise: a classifier silently clipped is exactly the mistake the paper
@@ -119,16 +155,18 @@ def agc_mask(params: PyTree,
   extra = _compile(exclude)
   paths = tree_paths(params)
   mask = jax.tree_util.tree_map(
-      lambda p: not (is_classifier(p, classifier_regex) or _matches(p, extra)),
+      lambda p: not (is_agc_excluded(p, classifier_regex)
+                     or _matches(p, extra)),
       paths)
   if classifier_regex is not None and not missing_ok:
-    if not any(is_classifier(p, classifier_regex)
+    if not any(is_agc_excluded(p, classifier_regex)
                for p in jax.tree_util.tree_leaves(paths)):
       raise ValueError(
-          f'agc_mask: classifier_regex {classifier_regex!r} matches no leaf of '
-          f'the param tree (first paths: {_sample_paths(params)}). Pass the '
-          'regex of your final classifier, classifier_regex=None to clip '
-          'everything, or missing_ok=True.')
+          f'agc_mask: classifier_regex {classifier_regex!r} matches no leaf '
+          '(no classifier weight) of the param tree (first paths: '
+          f'{_sample_paths(params)}). Pass the regex of your final '
+          'classifier, classifier_regex=None to clip everything, or '
+          'missing_ok=True.')
   return mask
 
 
