@@ -32,21 +32,35 @@ def base_config(variant: str = 'F0') -> ml_collections.ConfigDict:
   c.model.compute_dtype = 'auto'
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'imagenet2012'  # 'imagenet2012' | 'digits' | 'fake'
+  # Any tensorflow-datasets builder name ('imagenet2012', 'cifar10',
+  # 'imagenette/320px-v2', ...), 'folder' (data_dir/train/<class>/*,
+  # data_dir/val/<class>/*), 'digits' (embedded) or 'fake'.
+  c.data.name = 'imagenet2012'
   c.data.data_dir = config_dict.placeholder(str)  # None: TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.image_key = config_dict.placeholder(str)  # None: the builder's one Image feature
+  c.data.label_key = config_dict.placeholder(str)  # None: the ClassLabel 'label'
   c.data.train_split = 'train'  # 'train[10000:]' for the held-out protocol
   c.data.eval_split = 'validation'  # 'train[:10000]' for held-out validation
   c.data.image_size = spec.train_size  # training resolution (px)
   c.data.eval_image_size = spec.test_size  # evaluation resolution (px)
   c.data.num_classes = c.model.get_ref('num_classes')
   c.data.randaug = spec.randaug or ''  # '405' = 4 layers, magnitude 5; '' off
+  c.data.randaug_mode = 'release'  # see nfnets/data/randaugment.py
+  # RandAugment each raw image before MixUp/CutMix (True) or the mixed image
+  # (False, the release's setting).
+  c.data.augment_before_mix = False
   c.data.mixup_alpha = 0.2  # MixUp lambda ~ Beta(a, a); 0 disables MixUp
   c.data.cutmix = True  # half of each batch MixUp, half CutMix
   c.data.label_smoothing = 0.1
   c.data.resize_method = 'bicubic'
-  c.data.shuffle_buffer = 10_000
-  c.data.cache = False  # cache decoded eval data in memory
+  c.data.shuffle_buffer = config_dict.placeholder(int)  # None: 10 x per-host batch
+  c.data.num_chunks = 0  # epoch-order chunks per host; 0: n // 10000 in [1, 64]
+  c.data.cache = False  # cache raw records in memory
   c.data.dtype = 'float32'  # host image dtype ('bfloat16' halves transfer)
+  c.data.xla = True  # fuse the per-pixel batch work with XLA
+  c.data.digits_pad = 2  # digits: pad-and-random-crop pixels
+  c.data.fake_train_examples = config_dict.placeholder(int)  # None: 1,281,167
+  c.data.fake_eval_examples = config_dict.placeholder(int)  # None: 50,000
 
   c.optim = default_optim_config()
 
@@ -98,9 +112,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   if config.model.compute_dtype not in ('auto', 'float32', 'bfloat16'):
     fail('model.compute_dtype', f"must be 'auto', 'float32' or 'bfloat16', "
          f'got {config.model.compute_dtype!r}')
-  if config.data.name not in ('imagenet2012', 'digits', 'fake'):
-    fail('data.name', f"must be 'imagenet2012', 'digits' or 'fake', got "
-         f'{config.data.name!r}')
+  if not config.data.name:
+    fail('data.name', "must be a tfds builder name, 'folder', 'digits' or 'fake'")
   if config.data.num_classes != config.model.num_classes:
     fail('data.num_classes', f'{config.data.num_classes} != model.num_classes '
          f'{config.model.num_classes}')
