@@ -114,9 +114,12 @@ def inception_crop(image, seed, image_size: int):
   return tf.slice(image, tf.stack([y, x, 0]), tf.stack([h, w, -1]))
 
 
-def decode_and_crop(encoded, seed, image_size: int):
+def decode_and_crop(encoded, seed, image_size: int, jpeg_only: bool = False):
   """Inception crop of encoded bytes: JPEG decodes only the crop window
-  (fast path), other formats are decoded whole and then cropped."""
+  (fast path), other formats are decoded whole and then cropped. With
+  jpeg_only (a source whose images are all JPEG) the format test is skipped."""
+  if jpeg_only:
+    return preprocess.decode_and_inception_crop(encoded, seed, image_size)
   return tf.cond(
       tf.io.is_jpeg(encoded),
       lambda: preprocess.decode_and_inception_crop(encoded, seed, image_size),
@@ -127,12 +130,14 @@ class Source:
   """Base: an image dataset with the ImageNet train / eval transforms.
 
   Subclasses set name, num_classes, split_infos, `encoded` (records are
-  encoded bytes, else uint8 [h, w, C] tensors) and implement read().
+  encoded bytes, else uint8 [h, w, C] tensors), `jpeg_only` (every record is
+  a JPEG: no per-image format test) and implement read().
   """
   name: str = ''
   num_classes: Optional[int] = None
   split_infos = None
   encoded: bool = True
+  jpeg_only: bool = False
 
   def read(self, pieces: Sequence[splits_lib.Piece]) -> tf.data.Dataset:
     """Records of `pieces`, in order: {'record', 'label' int64, 'id' int64}."""
@@ -151,7 +156,7 @@ class Source:
     del cfg
     record = self.load(record)
     if self.encoded:
-      return decode_and_crop(record, seed, image_size)
+      return decode_and_crop(record, seed, image_size, self.jpeg_only)
     return inception_crop(to_rgb(record), seed, image_size)
 
   # Stage 2 (errors here are bugs, never swallowed): -> uint8 [S, S, 3].
@@ -252,6 +257,10 @@ class TfdsSource(Source):
         features, self.name, image_key, label_key)
     self.num_classes = features[self.label_key].num_classes
     self.split_infos = builder.info.splits
+    # imagenet2012's builder converts its one PNG (and CMYK files) to RGB
+    # JPEG; tfds does not check other builders' 'jpeg' features, so those
+    # take the per-image format test.
+    self.jpeg_only = self.encoded and self.name.startswith('imagenet2012')
     # Encoded images are decoded in the pipeline (crop-then-decode for JPEG).
     self._decoders = {k: tfds.decode.SkipDecoding() for k, f in features.items()
                       if isinstance(f, tfds.features.Image)} or None
@@ -320,6 +329,7 @@ class InMemorySource(Source):
     self.split_infos = {'train': splits_lib.SplitLen(n),
                         'validation': splits_lib.SplitLen(n)}
     self.num_classes = num_classes
+    self.jpeg_only = all(bytes(x[:3]) == b'\xff\xd8\xff' for x in images)
     self._table = tf.constant(list(images))
     self._label_table = tf.constant(self.labels)
 
