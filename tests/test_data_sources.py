@@ -298,11 +298,15 @@ def test_folder_eval_counts_each_decodable_image_once(image_folder, caplog):
   assert len(warnings) == 1 and broken in warnings[0]
 
 
-def test_folder_train_batches_and_resume(image_folder):
+def test_folder_train_batches_and_resume(image_folder, caplog):
   cfg = data_config(name='folder', data_dir=image_folder, randaug='405')
   kw = dict(global_batch_size=4, seed=0, process_index=0, process_count=1, with_ids=True)
   it = data.create_train_iterator(cfg, **kw)
-  batches = _host(it, 5)  # 40 raw reads > 2 epochs of 16 (15 decodable)
+  with caplog.at_level(py_logging.WARNING):
+    batches = _host(it, 5)  # 40 raw reads > 2 epochs of 16 (15 decodable)
+  warnings = [r for r in caplog.records
+              if r.levelno >= py_logging.WARNING and 'undecodable' in r.getMessage()]
+  assert len(warnings) == 1  # one warning, later skips only counted
   for b in batches:
     assert b['images'].shape == (4, 24, 24, 3) and b['labels'].shape == (4, 3)
     np.testing.assert_allclose(b['labels'].sum(-1), 1., rtol=1e-5)

@@ -25,7 +25,8 @@ become RGB. Train: inception crop (area 0.08-1, aspect 3/4-4/3; for JPEG only
 the crop window is decoded, `tf.io.decode_and_crop_jpeg`), random flip,
 resize to image_size. Eval: the release's 'resize_crop_32' (resize to
 (S + 32)^2, centre S^2 crop). These are the NFNet release's ImageNet
-transforms (arXiv 2102.06171, Section 5 / Appendix), used for every dataset.
+transforms (deepmind-research/nfnets/dataset.py, eval_preproc
+'resize_crop_32'), used for every dataset.
 """
 import os
 from typing import Optional, Sequence
