@@ -306,7 +306,9 @@ def test_folder_train_batches_and_resume(image_folder, caplog):
     batches = _host(it, 5)  # 40 raw reads > 2 epochs of 16 (15 decodable)
   warnings = [r for r in caplog.records
               if r.levelno >= py_logging.WARNING and 'undecodable' in r.getMessage()]
-  assert len(warnings) == 1  # one warning, later skips only counted
+  broken = os.path.join(image_folder, 'train', 'dog', 'broken.jpg')
+  assert len(warnings) == 1 and broken in warnings[0].getMessage()  # later skips counted
+  assert it.skipped and set(it.skipped) == {broken}
   for b in batches:
     assert b['images'].shape == (4, 24, 24, 3) and b['labels'].shape == (4, 3)
     np.testing.assert_allclose(b['labels'].sum(-1), 1., rtol=1e-5)

@@ -15,7 +15,7 @@ arithmetic, sharding, shuffling and resumption as every other source
 (nfnets/data/pipeline.py).
 
 Files are read in the pipeline's parallel decode stage; an undecodable file is
-skipped there (the eval iterator names the skipped files).
+skipped there, and the train and eval iterators name the skipped files.
 """
 import hashlib
 import os
@@ -106,8 +106,14 @@ class FolderSource(sources.Source):
   def path(self, split: str, index: int) -> str:
     return os.path.join(self.root, self._files[SPLIT_DIRS[split]][0][index])
 
+  cheap_read = True  # records are paths
+
   def describe(self, split: str, index: int) -> str:
     return self.path(split, index)
+
+  def describe_record(self, record, example_id: int) -> str:
+    del example_id
+    return record.decode('utf-8') if isinstance(record, bytes) else str(record)
 
   def read(self, pieces: Sequence[splits_lib.Piece]) -> tf.data.Dataset:
     dss = []

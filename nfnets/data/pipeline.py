@@ -53,8 +53,10 @@ Train order, determinism and resumption (the guarantee):
 
 Corrupt / undecodable images: skipped, not fatal. Decoding (and, for an
 image folder, reading the file) runs in its own stage followed by
-`ignore_errors`. The train iterator counts the gaps in the stream positions
-(`iterator.num_skipped`; one warning when the first is found). The eval
+`ignore_errors`. The train iterator finds the gaps in the stream positions:
+`num_skipped`, and `skipped` naming the first few (replayed from the
+undecoded stream, for sources whose records are cheap to re-read: an image
+folder's paths; not tfds); one warning when the first is found. The eval
 iterator knows which examples of its range never arrived: `num_skipped` and
 `skipped` (names: file paths for an image folder, 'split[index]' otherwise)
 after a full pass, and one warning naming the first few; the missing examples
@@ -176,6 +178,15 @@ def build_train_dataset(data_config, *, global_batch_size: int, seed: int,
   examples of each output; used to count skipped images), and with_ids
   'ids' int64 [B] (+ 'partner_ids' [B] when mixing)}; B = per-host batch.
   """
+  return _build_train(data_config, global_batch_size=global_batch_size, seed=seed,
+                      start_step=start_step, process_index=process_index,
+                      process_count=process_count, source=source,
+                      with_ids=with_ids, num_threads=num_threads)[0]
+
+
+def _build_train(data_config, *, global_batch_size, seed, start_step, process_index,
+                 process_count, source, with_ids, num_threads):
+  """(train dataset, name_positions: stream positions -> example names)."""
   layout = get_layout(global_batch_size, process_index, process_count)
   source = source or get_source(data_config)
   n_classes = _check_classes(source, data_config)
@@ -238,11 +249,27 @@ def build_train_dataset(data_config, *, global_batch_size: int, seed: int,
                       reshuffle_each_iteration=False)
     return ds
 
+  def raw_stream(from_pos: int) -> tf.data.Dataset:
+    """(stream position, undecoded record) from position `from_pos` on."""
+    first_epoch, offset = divmod(from_pos, n_host)
+    ds = epoch_dataset(first_epoch).skip(offset).concatenate(
+        tf.data.Dataset.range(first_epoch + 1, _BIG).flat_map(epoch_dataset))
+    return ds.enumerate(start=from_pos)
+
+  def name_positions(positions: List[int]) -> List[str]:
+    """Names of the examples at these stream positions, replayed from the
+    undecoded stream: only for sources whose records are cheap to read."""
+    if not positions or not source.cheap_read:
+      return []
+    lo, hi = min(positions), max(positions)
+    wanted, names = set(positions), []
+    for pos, ex in raw_stream(lo).take(hi - lo + 1).as_numpy_iterator():
+      if pos in wanted:
+        names.append(source.describe_record(ex['record'], ex['id']))
+    return names
+
   start_pos = int(start_step) * raw_b
-  first_epoch, offset = divmod(start_pos, n_host)
-  ds = epoch_dataset(first_epoch).skip(offset).concatenate(
-      tf.data.Dataset.range(first_epoch + 1, _BIG).flat_map(epoch_dataset))
-  ds = ds.enumerate(start=start_pos)
+  ds = raw_stream(start_pos)
 
   @_no_autograph
   def decode(pos, ex):
@@ -328,40 +355,56 @@ def build_train_dataset(data_config, *, global_batch_size: int, seed: int,
     ds = ds.map(normalize_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
 
   ds = ds.prefetch(AUTOTUNE)
-  return ds.with_options(_options(num_threads))
+  return ds.with_options(_options(num_threads)), name_positions
 
 
 class TrainIterator:
-  """Python iterator of numpy host batches; counts skipped (undecodable) images."""
+  """Python iterator of numpy host batches; counts skipped (undecodable) images.
 
-  def __init__(self, ds: tf.data.Dataset, start_pos: int, name: str = ''):
+  `num_skipped` counts the raw examples that could not be decoded so far;
+  `skipped` names the first few (file paths for an image folder; empty for
+  tfds sources, whose records are too costly to replay). One warning is
+  logged when the first skip is found, later counts at INFO level.
+  """
+  _MAX_NAMED = 5
+
+  def __init__(self, ds: tf.data.Dataset, start_pos: int, name: str = '',
+               name_positions=None):
     self._it = ds.as_numpy_iterator()
-    self._start_pos = start_pos
-    self._seen = 0
-    self._max_pos = start_pos - 1
+    self._next_pos = start_pos  # every position below is accounted for
     self._name = name
+    self._name_positions = name_positions
+    self._missing: List[int] = []
     self.num_skipped = 0
+    self.skipped: List[str] = []
 
   def __iter__(self):
     return self
 
   def __next__(self):
     batch = next(self._it)
-    pos = batch.pop('pos')
-    self._seen += pos.size
-    self._max_pos = max(self._max_pos, int(pos.max()))
-    skipped = self._max_pos + 1 - self._start_pos - self._seen
-    if skipped > self.num_skipped:
-      if not self.num_skipped:
-        logging.warning(
-            'Train input %s: skipped %d undecodable image(s) so far (further '
-            'skips are counted in the iterator\'s num_skipped and logged at '
-            'INFO level; an eval pass over the split names the files).',
-            self._name, skipped)
-      else:
-        logging.info('Train input %s: skipped %d undecodable image(s) so far.',
-                     self._name, skipped)
-      self.num_skipped = skipped
+    # Positions grow from batch to batch (the stream order is kept), so the
+    # gaps below this batch's largest position are the skipped examples.
+    pos = np.unique(batch.pop('pos'))
+    gaps = np.setdiff1d(np.arange(self._next_pos, pos[-1] + 1), pos)
+    self._next_pos = int(pos[-1]) + 1
+    if not gaps.size:
+      return batch
+    first = not self.num_skipped
+    self.num_skipped += int(gaps.size)
+    if len(self._missing) < self._MAX_NAMED:
+      self._missing.extend(gaps[:self._MAX_NAMED - len(self._missing)].tolist())
+      if self._name_positions is not None:
+        self.skipped = self._name_positions(self._missing)
+    if first:
+      logging.warning(
+          'Train input %s: skipped %d undecodable image(s)%s (later skips are '
+          'counted in the iterator\'s num_skipped and logged at INFO level).',
+          self._name, self.num_skipped,
+          (': ' + ', '.join(self.skipped)) if self.skipped else '')
+    else:
+      logging.info('Train input %s: skipped %d undecodable image(s) so far.',
+                   self._name, self.num_skipped)
     return batch
 
 
@@ -377,14 +420,14 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
   """
   layout = get_layout(global_batch_size, process_index, process_count)
   source = source or get_source(data_config)
-  ds = build_train_dataset(
+  ds, name_positions = _build_train(
       data_config, global_batch_size=global_batch_size, seed=seed,
       start_step=start_step, process_index=layout.process_index,
       process_count=layout.process_count, source=source, with_ids=with_ids,
       num_threads=num_threads)
   mixing = bool(data_config.mixup_alpha or data_config.cutmix)
   raw_b = layout.per_host_batch * (2 if mixing else 1)
-  return TrainIterator(ds, int(start_step) * raw_b, source.name)
+  return TrainIterator(ds, int(start_step) * raw_b, source.name, name_positions)
 
 
 # ---------------------------------------------------------------------------

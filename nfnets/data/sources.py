@@ -139,6 +139,7 @@ class Source:
   split_infos = None
   encoded: bool = True
   jpeg_only: bool = False
+  cheap_read: bool = False  # records can be re-read cheaply (to name skips)
 
   def read(self, pieces: Sequence[splits_lib.Piece]) -> tf.data.Dataset:
     """Records of `pieces`, in order: {'record', 'label' int64, 'id' int64}."""
@@ -147,6 +148,11 @@ class Source:
   def describe(self, split: str, index: int) -> str:
     """Human-readable name of example `index` of `split` (for messages)."""
     return f'{self.name} {split}[{index}]'
+
+  def describe_record(self, record, example_id: int) -> str:
+    """Human-readable name of a record read by read() (for messages)."""
+    del record
+    return f'{self.name} example id {example_id}'
 
   def load(self, record):
     """Record -> encoded bytes or decoded image (a folder reads the file)."""
@@ -331,6 +337,7 @@ class InMemorySource(Source):
                         'validation': splits_lib.SplitLen(n)}
     self.num_classes = num_classes
     self.jpeg_only = all(bytes(x[:3]) == b'\xff\xd8\xff' for x in images)
+    self.cheap_read = True
     self._table = tf.constant(list(images))
     self._label_table = tf.constant(self.labels)
 
