@@ -105,11 +105,11 @@ def base_config(variant: str = 'F0') -> ml_collections.ConfigDict:
   c.data.label_smoothing = 0.1
   c.data.resize_method = 'bicubic'
   c.data.shuffle_buffer = ph(int)  # examples; None: 10 x per-host batch
-  c.data.num_chunks = 0  # parallel read chunks per host; 0 = auto
-  c.data.cache = False  # cache decoded eval data in memory
+  c.data.num_chunks = 0  # epoch-order chunks per host; 0: n // 10000 in [1, 64]
+  c.data.cache = False  # cache raw records in memory
   c.data.dtype = 'float32'  # host image dtype ('bfloat16' halves transfer)
-  c.data.xla = True  # MixUp/CutMix/RandAugment as XLA ops in tf.data
-  c.data.digits_pad = 2  # 'digits': zero padding (px) around each 8x8 digit
+  c.data.xla = True  # fuse the per-pixel batch work (mixing, normalising) with XLA
+  c.data.digits_pad = 2  # 'digits': pad-and-random-crop pixels
   c.data.fake_train_examples = ph(int)  # 'fake': None = 1,281,167
   c.data.fake_eval_examples = ph(int)  # 'fake': None = 50,000
   c.data.num_classes = c.model.get_ref('num_classes')

@@ -1,16 +1,18 @@
 """Input-pipeline throughput: the ImageNet train pipeline on synthetic JPEGs.
 
 Feeds in-memory JPEG strings of ImageNet-like size (~500x375, photo-like
-content, ~100 KB) through exactly the imagenet2012 train path
-(nfnets.data.pipeline.build_train_dataset with an InMemoryJpegSource:
-inception crop decoded from the JPEG, flip, resize, optional RandAugment,
-normalisation, MixUp + CutMix, label smoothing, batching to [devices, b, ...]).
+content, ~100 KB) through exactly the train path of every tfds / folder
+source (nfnets.data.pipeline.build_train_dataset with an InMemorySource:
+inception crop decoded from the JPEG, flip, resize, MixUp + CutMix as in the
+release (two raw images decoded per output example), optional RandAugment on
+the mixed image, normalisation, label smoothing, host batches).
 
-Reports, per (image size, RandAugment on/off, tf.data threads):
-  * img/s (wall clock) for this host, and
-  * img per CPU-second = images / (user + sys CPU time of this process), which
-    is the per-core throughput and does not depend on what else runs on the
-    machine (the wall-clock figure does).
+Reports, per (image size, RandAugment on/off, tf.data threads), in OUTPUT
+examples (each made of two decoded images when mixing):
+  * ex/s (wall clock) for this host, and
+  * ex per CPU-second = examples / (user + sys CPU time of this process),
+    which is the per-core throughput and does not depend on what else runs on
+    the machine (the wall-clock figure does).
 
   python scripts/bench_input.py                      # 192 & 256 px, RA off/on, 1 & all threads
   python scripts/bench_input.py --sizes 192 --threads 1 --batches 10
@@ -27,7 +29,9 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np
 from PIL import Image
 
+from nfnets import config as config_lib
 from nfnets.data import pipeline
+from nfnets.data import sources
 
 
 def synthetic_jpegs(n: int, seed: int = 0, quality: int = 90):
@@ -50,15 +54,18 @@ def synthetic_jpegs(n: int, seed: int = 0, quality: int = 90):
   return out
 
 
-def bench(source, size, randaug, threads, batch, batches, warmup):
-  cfg = ml_collections.ConfigDict(dict(
+def bench(source, size, randaug, threads, batch, batches, warmup, mixing=True,
+          augment_before_mix=False):
+  cfg = ml_collections.ConfigDict(config_lib.base_config().data.to_dict())
+  cfg.lock()
+  cfg.update(dict(
       name='imagenet2012', train_split='train', image_size=size,
-      randaug='405' if randaug else '', mixup_alpha=0.2, cutmix=True,
-      label_smoothing=0.1, resize_method='bicubic', shuffle_buffer=1024,
-      num_classes=1000, dtype='bfloat16'))
+      randaug='405' if randaug else '', mixup_alpha=0.2 if mixing else 0.0,
+      cutmix=mixing, augment_before_mix=augment_before_mix, label_smoothing=0.1,
+      shuffle_buffer=None, num_classes=1000, dtype='bfloat16'))
   ds = pipeline.build_train_dataset(
       cfg, global_batch_size=batch, seed=0, process_index=0, process_count=1,
-      local_device_count=1, source=source, num_threads=threads)
+      source=source, num_threads=threads)
   it = ds.as_numpy_iterator()
   for _ in range(warmup):
     next(it)
@@ -83,6 +90,10 @@ def main():
   parser.add_argument('--batches', type=int, default=16)
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--num_images', type=int, default=512)
+  parser.add_argument('--no_mixing', action='store_true',
+                      help='MixUp and CutMix off (one decoded image per example)')
+  parser.add_argument('--augment_before_mix', action='store_true',
+                      help='RandAugment the raw images, not the mixed ones')
   args = parser.parse_args()
 
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
@@ -90,21 +101,26 @@ def main():
   jpegs = synthetic_jpegs(args.num_images)
   sizes = [Image.open(io.BytesIO(j)).size for j in jpegs[:64]]
   labels = np.random.default_rng(1).integers(0, 1000, len(jpegs))
-  source = pipeline.InMemoryJpegSource(jpegs, labels, num_classes=1000)
+  source = sources.InMemorySource(jpegs, labels, num_classes=1000)
   print(f'{len(jpegs)} synthetic JPEGs, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} KB, '
         f'mean size {np.mean([s[0] for s in sizes]):.0f}x{np.mean([s[1] for s in sizes]):.0f}; '
         f'{cores} CPU cores; load average at start {os.getloadavg()}')
+  mixing = ('none (1 decoded image per example)' if args.no_mixing else
+            'MixUp+CutMix (2 decoded images per example), RandAugment '
+            + ('before' if args.augment_before_mix else 'after') + ' mixing')
   print(f'batch {args.batch}, {args.batches} timed batches after {args.warmup} warm-up; '
-        'MixUp+CutMix, label smoothing, bf16 output')
-  print(f'{"px":>4} {"RandAug":>8} {"threads":>7} {"img/s (wall)":>13} '
-        f'{"img/CPU-s":>10} {"CPU busy":>9}')
+        f'mixing: {mixing}; label smoothing, bf16 output')
+  print(f'{"px":>4} {"RandAug":>8} {"threads":>7} {"ex/s (wall)":>12} '
+        f'{"ex/CPU-s":>9} {"CPU busy":>9}')
   ra_opts = {'off': [False], 'on': [True], 'both': [False, True]}[args.randaug]
   for size in args.sizes:
     for ra in ra_opts:
       for t in threads:
-        wall, per_cpu, busy = bench(source, size, ra, t, args.batch, args.batches, args.warmup)
-        print(f'{size:>4} {"405" if ra else "off":>8} {t:>7} {wall:>13.0f} '
-              f'{per_cpu:>10.0f} {busy:>8.2f}x', flush=True)
+        wall, per_cpu, busy = bench(source, size, ra, t, args.batch, args.batches,
+                                    args.warmup, not args.no_mixing,
+                                    args.augment_before_mix)
+        print(f'{size:>4} {"405" if ra else "off":>8} {t:>7} {wall:>12.0f} '
+              f'{per_cpu:>9.0f} {busy:>8.2f}x', flush=True)
   print(f'load average at end {os.getloadavg()}')
 
 

@@ -199,16 +199,6 @@ def _batch(b=6, h=8, w=10, c=4):
   return images, labels
 
 
-def test_mixup_invariants():
-  images, labels = _batch()
-  out_i, out_l, lam = mix.mixup(images, labels, SEED, 0.2)
-  lam = lam.numpy()
-  assert np.all((lam >= 0) & (lam <= 1))
-  np.testing.assert_allclose(out_l.numpy().sum(-1), 1., rtol=1e-5)
-  b = images.shape[0]
-  expect = lam * np.arange(b) + (1 - lam) * np.arange(b)[::-1]
-  np.testing.assert_allclose(out_i.numpy()[:, 0, 0, 0], expect, rtol=1e-5)
-  np.testing.assert_allclose(out_l.numpy(), lam[:, None] * labels.numpy() + (1 - lam[:, None]) * labels.numpy()[::-1], rtol=1e-5)
 
 
 def test_mixup_lambda_distribution():
@@ -218,18 +208,6 @@ def test_mixup_lambda_distribution():
   assert np.mean((lam < 0.1) | (lam > 0.9)) > 0.5
 
 
-def test_cutmix_area_matches_label_weight():
-  images, labels = _batch(b=8, h=16, w=12)
-  out_i, out_l, area = mix.cutmix(images, labels, SEED)
-  out_i, out_l, area = out_i.numpy(), out_l.numpy(), area.numpy()
-  b = images.shape[0]
-  partner = np.arange(b)[::-1]
-  for i in range(b):
-    from_partner = np.mean(out_i[i, ..., 0] == partner[i]) if partner[i] != i else area[i]
-    assert from_partner == pytest.approx(area[i])
-    assert set(np.unique(out_i[i])) <= {float(i), float(partner[i])}
-  np.testing.assert_allclose(out_l.sum(-1), 1., rtol=1e-5)
-  np.testing.assert_allclose(out_l, (1 - area[:, None]) * labels.numpy() + area[:, None] * labels.numpy()[::-1], rtol=1e-5)
 
 
 def test_cutmix_box_area_is_uniform():
@@ -240,18 +218,3 @@ def test_cutmix_box_area_is_uniform():
   rows = masks.any(axis=2).sum(1)
   cols = masks.any(axis=1).sum(1)
   np.testing.assert_array_equal(rows * cols, masks.sum(axis=(1, 2)))  # rectangles
-
-
-def test_mixup_cutmix_halves():
-  images, labels = _batch(b=8)
-  out_i, out_l = mix.mixup_cutmix(images, labels, SEED, 0.2, True)
-  out_i, out_l = out_i.numpy(), out_l.numpy()
-  np.testing.assert_allclose(out_l.sum(-1), 1., rtol=1e-5)
-  for i in range(8):
-    vals = np.unique(out_i[i])
-    if i % 2:  # CutMix: pixels from self or partner only.
-      assert set(vals) <= {float(i), float(7 - i)}
-    else:      # MixUp: one blended constant.
-      assert len(vals) == 1
-  same_i, same_l = mix.mixup_cutmix(images, labels, SEED, 0.0, False)
-  assert same_i is images and same_l is labels

@@ -3,11 +3,11 @@ import os
 import subprocess
 import sys
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
 
+from nfnets import config as config_lib
 from nfnets import data
 from nfnets.data import digits
 from nfnets.data import pipeline
@@ -23,13 +23,21 @@ def digits_dir(tmp_path_factory):
   return d
 
 
+def data_config(**kw) -> ml_collections.ConfigDict:
+  """base_config().data (every key exists, misspelt keys fail) with overrides."""
+  cfg = ml_collections.ConfigDict(config_lib.base_config().data.to_dict())
+  cfg.num_classes = None
+  cfg.lock()
+  cfg.update(kw)
+  return cfg
+
+
 def _cfg(data_dir, **kw):
   base = dict(name='digits', data_dir=data_dir, train_split='train', eval_split='test',
               image_size=32, eval_image_size=32, randaug='', mixup_alpha=0.0,
-              cutmix=False, label_smoothing=0.0, resize_method='bicubic',
-              shuffle_buffer=256, cache=False, num_classes=10, dtype='float32')
+              cutmix=False, label_smoothing=0.0, shuffle_buffer=256)
   base.update(kw)
-  return ml_collections.ConfigDict(base)
+  return data_config(**base)
 
 
 def _take(it, n):
@@ -64,14 +72,19 @@ def test_digits_builder_splits_and_determinism(digits_dir):
 def test_train_batch_shapes_dtypes_ranges(digits_dir, dtype):
   cfg = _cfg(digits_dir, randaug='405', mixup_alpha=0.2, cutmix=True,
              label_smoothing=0.1, dtype=dtype, image_size=24)
-  it = data.create_train_iterator(cfg, global_batch_size=16, seed=0, local_device_count=4)
+  it = data.create_train_iterator(cfg, global_batch_size=16, seed=0, process_index=0,
+                                  process_count=1)
   for batch in _take(it, 2):
     assert set(batch) == {'images', 'labels'}
-    assert batch['images'].shape == (4, 4, 24, 24, 3)
+    assert batch['images'].shape == (16, 24, 24, 3)
     assert batch['images'].dtype == np.dtype(dtype if dtype == 'float32' else 'bfloat16')
     img = batch['images'].astype(np.float32)
-    assert LO - 0.02 <= img.min() and img.max() <= HI + 0.02
-    assert batch['labels'].shape == (4, 4, 10) and batch['labels'].dtype == np.float32
+    # Eval images are not clipped after the bicubic resize (as in the
+  # release), so they may overshoot the normalised range a little; the
+  # bicubic kernel's negative lobes bound that well below a quarter of it.
+  margin = 0.25 * (HI - LO)
+  assert LO - margin <= img.min() and img.max() <= HI + margin
+    assert batch['labels'].shape == (16, 10) and batch['labels'].dtype == np.float32
     assert batch['labels'].min() >= 0
     np.testing.assert_allclose(batch['labels'].sum(-1), 1., rtol=1e-5)
     # Label smoothing is visible: no exact zeros.
@@ -80,30 +93,39 @@ def test_train_batch_shapes_dtypes_ranges(digits_dir, dtype):
 
 def test_eval_batch_shapes(digits_dir):
   cfg = _cfg(digits_dir, eval_image_size=40, dtype='bfloat16')
-  it = data.create_eval_iterator(cfg, global_batch_size=64, local_device_count=2)
+  it = data.create_eval_iterator(cfg, global_batch_size=64, process_index=0,
+                                 process_count=1)
   batches = list(it)
   assert len(batches) == len(it) == 5
+  assert it.num_examples == 300 and it.num_skipped == 0 and it.skipped == []
   for batch in batches:
     assert set(batch) == {'images', 'labels', 'mask'}
-    assert batch['images'].shape == (2, 32, 40, 40, 3)
-    assert batch['labels'].shape == (2, 32) and batch['labels'].dtype == np.int32
+    assert batch['images'].shape == (64, 40, 40, 3)
+    assert batch['labels'].shape == (64,) and batch['labels'].dtype == np.int32
     assert batch['mask'].dtype == np.float32
   assert sum(b['mask'].sum() for b in batches) == 300
   img = batches[0]['images'].astype(np.float32)
-  assert LO - 0.02 <= img.min() and img.max() <= HI + 0.02
+  # Eval images are not clipped after the bicubic resize (as in the
+  # release), so they may overshoot the normalised range a little; the
+  # bicubic kernel's negative lobes bound that well below a quarter of it.
+  margin = 0.25 * (HI - LO)
+  assert LO - margin <= img.min() and img.max() <= HI + margin
 
 
 def test_fake_dataset_any_resolution():
-  cfg = ml_collections.ConfigDict(dict(
+  cfg = data_config(
       name='fake', image_size=48, eval_image_size=56, num_classes=7, randaug='405',
       mixup_alpha=0.2, cutmix=True, label_smoothing=0.1, shuffle_buffer=64,
       train_split='train', eval_split='validation',
-      fake_num_examples={'train': 100, 'validation': 10}))
+      fake_train_examples=100, fake_eval_examples=10)
   assert data.num_examples(cfg, 'train') == 100
-  batch = next(data.create_train_iterator(cfg, global_batch_size=8, seed=1, local_device_count=2))
-  assert batch['images'].shape == (2, 4, 48, 48, 3) and batch['labels'].shape == (2, 4, 7)
-  batches = list(data.create_eval_iterator(cfg, global_batch_size=8, local_device_count=2))
-  assert batches[0]['images'].shape == (2, 4, 56, 56, 3)
+  assert data.num_classes(cfg) == 7
+  batch = next(data.create_train_iterator(cfg, global_batch_size=8, seed=1, process_count=1,
+                                          process_index=0))
+  assert batch['images'].shape == (8, 48, 48, 3) and batch['labels'].shape == (8, 7)
+  batches = list(data.create_eval_iterator(cfg, global_batch_size=8, process_count=1,
+                                           process_index=0))
+  assert batches[0]['images'].shape == (8, 56, 56, 3)
   assert len(batches) == 2 and sum(b['mask'].sum() for b in batches) == 10
 
 
@@ -111,8 +133,7 @@ def test_fake_dataset_any_resolution():
 # Per-host sharding.
 def _host_epoch_ids(cfg, p, count, per_host, n_host):
   it = data.create_train_iterator(cfg, global_batch_size=per_host * count, seed=5,
-                                  process_index=p, process_count=count,
-                                  local_device_count=1, with_ids=True)
+                                  process_index=p, process_count=count, with_ids=True)
   ids = []
   while len(ids) < n_host:
     ids.extend(next(it)['ids'].reshape(-1).tolist())
@@ -146,7 +167,7 @@ def test_eval_covers_every_example_once(digits_dir, count):
   for p in range(count):
     batches = list(data.create_eval_iterator(
         cfg, global_batch_size=16 * count, process_index=p, process_count=count,
-        local_device_count=2, with_ids=True))
+        with_ids=True))
     num_batches.add(len(batches))
     for b in batches:
       real = b['mask'] > 0
@@ -170,44 +191,59 @@ def test_resume_is_exact_and_does_not_replay(digits_dir):
   cfg = _cfg(digits_dir, randaug='405', mixup_alpha=0.2, cutmix=True,
              label_smoothing=0.1, num_chunks=4, shuffle_buffer=50,
              train_split='train[:300]')
-  kw = dict(global_batch_size=32, seed=3, local_device_count=2, with_ids=True)
-  fresh = _take(data.create_train_iterator(cfg, **kw), 19)
-  # Step 8 = example 256 of 300 per epoch: the resumed batches cross epochs;
-  # step 12 = example 84 of the second epoch.
-  for k in (8, 12):
+  kw = dict(global_batch_size=16, seed=3, process_index=0, process_count=1, with_ids=True)
+  fresh = _take(data.create_train_iterator(cfg, **kw), 14)
+  # With mixing a step reads 32 raw examples: step 9 starts at raw example
+  # 288 of 300 (the resumed batches cross epochs); step 11 = raw example 52
+  # of the second epoch.
+  for k in (9, 11):
     resumed = _take(data.create_train_iterator(cfg, start_step=k, **kw), 3)
     _assert_batches_equal(fresh[k:k + 3], resumed)
-  # Another seed -> another stream.
+  # Also with RandAugment before mixing.
+  before = _cfg(digits_dir, randaug='405', mixup_alpha=0.2, cutmix=True,
+                augment_before_mix=True, num_chunks=4, shuffle_buffer=50,
+                train_split='train[:300]')
+  _assert_batches_equal(_take(data.create_train_iterator(before, **kw), 11)[9:],
+                        _take(data.create_train_iterator(before, start_step=9, **kw), 2))
+  # Without mixing: the order depends on the seed only, and each epoch
+  # covers the split once, in a different order.
   plain = _cfg(digits_dir, num_chunks=4, shuffle_buffer=50, train_split='train[:300]')
+  kw = dict(kw, global_batch_size=32)
+  plain_batches = _take(data.create_train_iterator(plain, **kw), 19)
   other = next(data.create_train_iterator(plain, **dict(kw, seed=4)))
-  same = next(data.create_train_iterator(plain, **kw))
-  np.testing.assert_array_equal(same['ids'], fresh[0]['ids'])  # order: seed only
-  assert not np.array_equal(other['ids'], fresh[0]['ids'])
-  # Epochs: each covers the split once, in a different order.
-  ids = np.concatenate([b['ids'].reshape(-1) for b in fresh])
+  np.testing.assert_array_equal(
+      next(data.create_train_iterator(_cfg(digits_dir, num_chunks=4, shuffle_buffer=50,
+                                           train_split='train[:300]', randaug='405'),
+                                      **kw))['ids'], plain_batches[0]['ids'])
+  assert not np.array_equal(other['ids'], plain_batches[0]['ids'])
+  ids = np.concatenate([b['ids'] for b in plain_batches])
   assert len(set(ids[:300].tolist())) == 300
   assert set(ids[:300].tolist()) == set(ids[300:600].tolist())
   assert not np.array_equal(ids[:300], ids[300:600])
+  _assert_batches_equal(plain_batches[12:14],
+                        _take(data.create_train_iterator(plain, start_step=12, **kw), 2))
 
 
 def test_resume_fake_exact():
-  cfg = ml_collections.ConfigDict(dict(
+  cfg = data_config(
       name='fake', image_size=16, num_classes=5, randaug='', mixup_alpha=0.2,
-      cutmix=True, shuffle_buffer=16, train_split='train',
-      fake_num_examples={'train': 50}, num_chunks=3))
-  kw = dict(global_batch_size=8, seed=0, local_device_count=2)
+      cutmix=True, shuffle_buffer=16, train_split='train', fake_train_examples=50,
+      num_chunks=3)
+  kw = dict(global_batch_size=8, seed=0, process_index=0, process_count=1)
   fresh = _take(data.create_train_iterator(cfg, **kw), 9)
   _assert_batches_equal(fresh[6:9], _take(data.create_train_iterator(cfg, start_step=6, **kw), 3))
 
 
 _HASH_SCRIPT = r'''
 import hashlib, sys, ml_collections
+from nfnets import config as config_lib
 from nfnets import data
-cfg = ml_collections.ConfigDict(dict(name='digits', data_dir=sys.argv[1], train_split='train',
-    image_size=32, randaug='405', mixup_alpha=0.2, cutmix=True, label_smoothing=0.1,
-    shuffle_buffer=100, num_classes=10, num_chunks=4))
+cfg = ml_collections.ConfigDict(config_lib.base_config().data.to_dict())
+cfg.update(dict(name='digits', data_dir=sys.argv[1], train_split='train', image_size=32,
+    randaug='405', mixup_alpha=0.2, cutmix=True, label_smoothing=0.1, shuffle_buffer=100,
+    num_classes=10, num_chunks=4))
 it = data.create_train_iterator(cfg, global_batch_size=32, seed=11, start_step=int(sys.argv[2]),
-                                process_index=0, process_count=1, local_device_count=2)
+                                process_index=0, process_count=1)
 h = hashlib.sha256()
 for _ in range(2):
   b = next(it); h.update(b['images'].tobytes()); h.update(b['labels'].tobytes())
@@ -221,7 +257,7 @@ def test_resume_is_exact_across_processes(digits_dir):
   cfg = _cfg(digits_dir, randaug='405', mixup_alpha=0.2, cutmix=True,
              label_smoothing=0.1, shuffle_buffer=100, num_chunks=4)
   batches = _take(data.create_train_iterator(cfg, global_batch_size=32, seed=11,
-                                             local_device_count=2), 5)[3:]
+                                             process_index=0, process_count=1), 5)[3:]
   h = hashlib.sha256()
   for b in batches:
     h.update(b['images'].tobytes()); h.update(b['labels'].tobytes())
@@ -234,34 +270,22 @@ def test_resume_is_exact_across_processes(digits_dir):
 
 
 # ---------------------------------------------------------------------------
-# Device prefetch and errors.
-def test_prefetch_to_device_feeds_pmap(digits_dir):
-  n = jax.local_device_count()
-  cfg = _cfg(digits_dir)
-  it = data.create_train_iterator(cfg, global_batch_size=2 * n, seed=0)
-  host = _take(data.create_train_iterator(cfg, global_batch_size=2 * n, seed=0), 2)
-  dev = list(data.prefetch_to_device(iter(_take(it, 2)), size=2))
-  assert len(dev) == 2
-  for h, d in zip(host, dev):
-    assert isinstance(d['images'], jax.Array)
-    assert len(d['images'].sharding.device_set) == n
-    np.testing.assert_array_equal(np.asarray(d['images']), h['images'])
-  out = jax.pmap(lambda b: b['labels'].sum(), axis_name='batch')(dev[0])
-  np.testing.assert_allclose(np.asarray(out), host[0]['labels'].sum(axis=(1, 2)), rtol=1e-6)
-
-
+# Errors.
 def test_config_errors(digits_dir):
-  with pytest.raises(ValueError, match='divisible'):
+  with pytest.raises(ValueError, match='multiple of process_count'):
     data.create_train_iterator(_cfg(digits_dir), global_batch_size=10, seed=0,
-                               local_device_count=4, process_count=1, process_index=0)
-  with pytest.raises(ValueError, match='num_classes'):
+                               process_count=4, process_index=0)
+  with pytest.raises(ValueError, match='num_classes=1000 but digits has 10'):
     data.create_train_iterator(_cfg(digits_dir, num_classes=1000), global_batch_size=8,
-                               seed=0, local_device_count=1)
-  with pytest.raises(ValueError, match='Unknown dataset'):
-    data.num_examples(_cfg(digits_dir, name='mnist'), 'train')
+                               seed=0, process_count=1, process_index=0)
+  with pytest.raises(ValueError, match="Unknown dataset 'no_such_dataset_xyz'"):
+    data.num_examples(_cfg(digits_dir, name='no_such_dataset_xyz'), 'train')
   with pytest.raises(ValueError, match='dtype'):
     data.create_eval_iterator(_cfg(digits_dir, dtype='float16'), global_batch_size=8,
-                              local_device_count=1)
+                              process_count=1, process_index=0)
+  with pytest.raises(ValueError, match=r"Split 'valid' is not valid for digits.*'test'"):
+    data.num_examples(_cfg(digits_dir), 'valid')
+  assert data.num_classes(_cfg(digits_dir)) == 10
 
 
 def test_split_arithmetic():
@@ -278,7 +302,7 @@ def test_split_arithmetic():
 def test_fused_xla_finalize_matches_reference_and_cache(digits_dir):
   """The XLA-fused mix+normalise equals plain TF ops; cache=True changes nothing."""
   cfg = _cfg(digits_dir, mixup_alpha=0.2, cutmix=True, label_smoothing=0.1)
-  kw = dict(global_batch_size=16, seed=2, local_device_count=2)
+  kw = dict(global_batch_size=16, seed=2, process_index=0, process_count=1)
   fused = _take(data.create_train_iterator(cfg, **kw), 2)
   plain = _take(data.create_train_iterator(_cfg(digits_dir, mixup_alpha=0.2, cutmix=True,
                                                 label_smoothing=0.1, xla=False), **kw), 2)

@@ -1,27 +1,36 @@
-"""Input pipelines for NFNets: tfds ImageNet, the embedded digits, fake data.
+"""Input pipelines for NFNets: any tfds builder, an image folder, the
+embedded digits, fake data.
+
+Module layout:
+  sources.py  - where examples come from and how one image is decoded
+                (tfds builders incl. imagenet2012, in-memory, fake, digits).
+  folder.py   - the image-folder source (DIR/train/<class>/*, DIR/val/...).
+  splits.py   - tfds split strings -> pieces, per-host ranges.
+  pipeline.py - the tf.data assembly of train / eval host batches that every
+                source goes through (sharding, shuffling, mixing, resume).
+  mix.py, preprocess.py, randaugment.py - augmentation ops.
 
 Public API (see nfnets/data/pipeline.py for the guarantees):
   create_train_iterator(data_config, *, global_batch_size, seed, start_step=0)
   create_eval_iterator(data_config, *, global_batch_size)
-  num_examples(data_config, split)
-  prefetch_to_device(iterator, size=2, devices=None)
+  get_source(data_config), num_examples(data_config, split),
+  num_classes(data_config)
   DatasetNotPreparedError
+Batches are plain host batches [global_batch_size // process_count, ...];
+device placement belongs to nfnets.training.
 """
 from nfnets.data import digits
 from nfnets.data import mix
 from nfnets.data import preprocess
 from nfnets.data import randaugment
+from nfnets.data.folder import FolderSource
 from nfnets.data.mix import cutmix, mixup, mixup_cutmix
 from nfnets.data.pipeline import (
-    DatasetNotPreparedError,
-    FakeSource,
-    InMemoryJpegSource,
+    EvalIterator,
+    TrainIterator,
     build_train_dataset,
     create_eval_iterator,
     create_train_iterator,
-    get_source,
-    num_examples,
-    prefetch_to_device,
 )
 from nfnets.data.preprocess import (
     MEAN_RGB,
@@ -35,13 +44,24 @@ from nfnets.data.preprocess import (
     train_image_from_crop,
 )
 from nfnets.data.randaugment import randaugment as rand_augment
+from nfnets.data.sources import (
+    DatasetNotPreparedError,
+    FakeSource,
+    InMemoryJpegSource,
+    InMemorySource,
+    TfdsSource,
+    get_source,
+    num_classes,
+    num_examples,
+)
 
 __all__ = [
-    'DatasetNotPreparedError', 'FakeSource', 'InMemoryJpegSource', 'MEAN_RGB',
-    'STDDEV_RGB', 'build_train_dataset', 'create_eval_iterator',
+    'DatasetNotPreparedError', 'EvalIterator', 'FakeSource', 'FolderSource',
+    'InMemoryJpegSource', 'InMemorySource', 'MEAN_RGB', 'STDDEV_RGB',
+    'TfdsSource', 'TrainIterator', 'build_train_dataset', 'create_eval_iterator',
     'create_train_iterator', 'cutmix', 'decode_and_inception_crop',
     'decode_eval_jpeg', 'digits', 'eval_image_resize_crop', 'get_source', 'mix',
-    'mixup', 'mixup_cutmix', 'normalize', 'num_examples', 'one_hot_smoothed',
-    'parse_randaug', 'prefetch_to_device', 'preprocess', 'rand_augment',
+    'mixup', 'mixup_cutmix', 'normalize', 'num_classes', 'num_examples',
+    'one_hot_smoothed', 'parse_randaug', 'preprocess', 'rand_augment',
     'randaugment', 'train_image_from_crop',
 ]

@@ -1,28 +1,51 @@
-"""MixUp and CutMix on a batch (TensorFlow, stateless randomness).
+"""MixUp and CutMix as in the NFNet release: two raw images per output.
 
-Each example i is mixed with example B-1-i of the same batch (the batch
-reversed), as in the release. With both MixUp and CutMix on, half of each batch
-(even positions) gets MixUp and the other half (odd positions) CutMix. The
-mixing weight is drawn per example:
-  * MixUp: lam ~ Beta(alpha, alpha); image = lam*x + (1-lam)*x_partner.
+Each output example mixes two raw examples, and each raw example of a batch
+is used exactly once (the release's `my_mixup` / `my_cutmix` /
+`my_mixup_cutmix`, deepmind-research/nfnets/dataset.py). A raw batch of 2B
+images gives B outputs:
+  * MixUp only:  output i = mix(raw[i], raw[B + i]);
+  * CutMix only: output i = cut(raw[i], raw[B + i]);
+  * both: the first m = B - B // 2 outputs are MixUp of raw[:m] with
+    raw[m:2m], the other c = B // 2 are CutMix of raw[2m:2m+c] with
+    raw[2m+c:] (for even B: raw 4b -> b MixUp [:b] x [b:2b], b CutMix
+    [2b:3b] x [3b:], exactly the release's layout).
+The first image of a pair is the "self" example, the second the partner:
+  * MixUp: lam ~ Beta(alpha, alpha) per output; image = lam*x + (1-lam)*x2.
   * CutMix: box area fraction r ~ U(0, 1) (a box of uniform area), side
     sqrt(r) of the image's, centre uniform over the image, clipped at the
     borders and rounded to pixels; the box's pixels come from the partner. The
-    label weight of the partner is the area actually pasted (after clipping and
+    partner's label weight is the area actually pasted (after clipping and
     rounding), so the label matches the pixels exactly.
-Labels must already be (smoothed) one-hot distributions; the mixed labels stay
+Labels must be (smoothed) one-hot distributions; mixed labels stay
 distributions (non-negative, sum 1).
 
-Implementation: `sample_params` draws the per-example parameters (cheap, tiny
-tensors); `apply_params` does the per-pixel work and can run inside an
-XLA-compiled function together with normalisation (see pipeline.py), so the
-whole batch is mixed in one pass over memory.
+`sample_params` draws the per-output parameters (tiny tensors);
+`apply_params` does the per-pixel work and can run inside an XLA-compiled
+function together with normalisation (see pipeline.py).
 """
+from typing import Tuple
+
+import numpy as np
 import tensorflow as tf
 
 
-def _partner(x):
-  return tf.reverse(x, axis=[0])
+def num_mixup(num_outputs: int, mixup_alpha: float, use_cutmix: bool) -> int:
+  """How many of `num_outputs` outputs are MixUp (the rest are CutMix)."""
+  if mixup_alpha and use_cutmix:
+    return num_outputs - num_outputs // 2
+  return num_outputs if mixup_alpha else 0
+
+
+def pair_indices(num_outputs: int, mixup_alpha: float, use_cutmix: bool
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+  """(self, partner) raw indices [B] each; together a permutation of 2B."""
+  b = num_outputs
+  m = num_mixup(b, mixup_alpha, use_cutmix) if (mixup_alpha and use_cutmix) else b
+  c = b - m
+  first = np.concatenate([np.arange(m), 2 * m + np.arange(c)])
+  second = np.concatenate([m + np.arange(m), 2 * m + c + np.arange(c)])
+  return first.astype(np.int32), second.astype(np.int32)
 
 
 def sample_beta(seed, shape, alpha: float):
@@ -51,21 +74,22 @@ def cutmix_boxes(seed, batch_size, height, width):
                    edge(cx - cut_w / 2., wf), edge(cx + cut_w / 2., wf)], axis=1)
 
 
-def sample_params(seed, batch_size, height, width, mixup_alpha: float = 0.0,
+def sample_params(seed, num_outputs: int, height, width, mixup_alpha: float = 0.0,
                   use_cutmix: bool = False):
-  """Per-example mixing parameters.
+  """Per-output mixing parameters.
 
-  Returns dict: 'lam' float32 [B] (MixUp weight of the example itself; 1 for
-  CutMix rows), 'box' int32 [B, 4] (CutMix box; empty for MixUp rows).
+  Returns dict: 'lam' float32 [B] (MixUp weight of the self image; 1 for
+  CutMix outputs), 'box' int32 [B, 4] (CutMix box; empty for MixUp outputs).
+  With both on, outputs [:num_mixup] are MixUp and the rest CutMix.
   """
   seed = tf.cast(seed, tf.int64)
   s_mix, s_cut = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  ones = tf.ones([batch_size], tf.float32)
-  empty = tf.zeros([batch_size, 4], tf.int32)
-  lam = sample_beta(s_mix, [batch_size], mixup_alpha) if mixup_alpha else ones
-  box = cutmix_boxes(s_cut, batch_size, height, width) if use_cutmix else empty
+  ones = tf.ones([num_outputs], tf.float32)
+  empty = tf.zeros([num_outputs, 4], tf.int32)
+  lam = sample_beta(s_mix, [num_outputs], mixup_alpha) if mixup_alpha else ones
+  box = cutmix_boxes(s_cut, num_outputs, height, width) if use_cutmix else empty
   if mixup_alpha and use_cutmix:
-    use_mixup = tf.equal(tf.range(batch_size) % 2, 0)
+    use_mixup = tf.range(num_outputs) < num_mixup(num_outputs, mixup_alpha, use_cutmix)
     lam = tf.where(use_mixup, lam, ones)
     box = tf.where(use_mixup[:, None], empty, box)
   return {'lam': lam, 'box': box}
@@ -87,30 +111,46 @@ def box_area(box, height, width):
   return h * w / tf.cast(height * width, tf.float32)
 
 
-def apply_params(images, labels, params):
-  """Mixes images [B, H, W, C] (any real dtype -> float32) and labels [B, K].
+def mix_pairs(first, second, labels_first, labels_second, params):
+  """Mixes images first/second [B, H, W, C] (-> float32) and labels [B, K].
 
-  Per pixel, the weight of the example itself is lam * (1 - in_box); the
-  partner (reversed batch) gets the rest. Label weight of the example itself:
-  lam * (1 - box_area).
+  Per pixel, the self weight is lam * (1 - in_box); the partner gets the rest.
+  Label weight of the self example: lam * (1 - box_area).
   """
-  shape = tf.shape(images)
-  images = tf.cast(images, tf.float32)
+  shape = tf.shape(first)
+  first = tf.cast(first, tf.float32)
+  second = tf.cast(second, tf.float32)
   mask = box_masks(params['box'], shape[1], shape[2])
   lam = params['lam']
   w_self = lam[:, None, None] * (1. - mask)
-  partner = _partner(images)
-  out_images = partner + w_self[..., None] * (images - partner)
+  out_images = second + w_self[..., None] * (first - second)
   lw = (lam * (1. - box_area(params['box'], shape[1], shape[2])))[:, None]
-  out_labels = lw * labels + (1. - lw) * _partner(labels)
+  out_labels = lw * labels_first + (1. - lw) * labels_second
   return out_images, out_labels
 
 
+def apply_params(images, labels, params, mixup_alpha: float, use_cutmix: bool):
+  """Raw batch images [2B, H, W, C], labels [2B, K] -> B mixed outputs."""
+  num_outputs = params['lam'].shape[0]
+  if num_outputs is None:
+    raise ValueError('params must have a static batch dimension.')
+  first, second = pair_indices(num_outputs, mixup_alpha, use_cutmix)
+  return mix_pairs(tf.gather(images, first), tf.gather(images, second),
+                   tf.gather(labels, first), tf.gather(labels, second), params)
+
+
+def _num_outputs(images) -> int:
+  n = images.shape[0]
+  if n is None or n % 2:
+    raise ValueError(f'MixUp/CutMix need an even, static raw batch size, got {n}.')
+  return n // 2
+
+
 def mixup(images, labels, seed, alpha: float):
-  """Returns (images, labels, lam [B]) with lam the weight of the example itself."""
+  """Raw [2B] -> (images [B], labels [B], lam [B] = weight of raw[i])."""
   shape = tf.shape(images)
-  params = sample_params(seed, shape[0], shape[1], shape[2], alpha, False)
-  return (*apply_params(images, labels, params), params['lam'])
+  params = sample_params(seed, _num_outputs(images), shape[1], shape[2], alpha, False)
+  return (*apply_params(images, labels, params, alpha, False), params['lam'])
 
 
 def cutmix_masks(seed, batch_size, height, width):
@@ -119,18 +159,19 @@ def cutmix_masks(seed, batch_size, height, width):
 
 
 def cutmix(images, labels, seed):
-  """Returns (images, labels, area [B]): area = fraction of pixels from the partner."""
+  """Raw [2B] -> (images [B], labels [B], area [B] = fraction from raw[B+i])."""
   shape = tf.shape(images)
-  params = sample_params(seed, shape[0], shape[1], shape[2], 0.0, True)
-  return (*apply_params(images, labels, params),
+  params = sample_params(seed, _num_outputs(images), shape[1], shape[2], 0.0, True)
+  return (*apply_params(images, labels, params, 0.0, True),
           box_area(params['box'], shape[1], shape[2]))
 
 
 def mixup_cutmix(images, labels, seed, mixup_alpha: float = 0.0,
                  use_cutmix: bool = False):
-  """MixUp and/or CutMix as configured; both on: even rows MixUp, odd CutMix."""
+  """MixUp and/or CutMix as configured (raw [2B] -> [B]); off: unchanged."""
   if not mixup_alpha and not use_cutmix:
     return images, labels
   shape = tf.shape(images)
-  params = sample_params(seed, shape[0], shape[1], shape[2], mixup_alpha, use_cutmix)
-  return apply_params(images, labels, params)
+  params = sample_params(seed, _num_outputs(images), shape[1], shape[2],
+                         mixup_alpha, use_cutmix)
+  return apply_params(images, labels, params, mixup_alpha, use_cutmix)
