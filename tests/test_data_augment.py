@@ -192,13 +192,6 @@ def test_randaugment_layers():
 
 # ---------------------------------------------------------------------------
 # MixUp / CutMix.
-def _batch(b=6, h=8, w=10, c=4):
-  # Example i is a constant image of value i, so pixel provenance is visible.
-  images = tf.constant(np.arange(b, dtype=np.float32)[:, None, None, None] * np.ones([b, h, w, 3], np.float32))
-  labels = preprocess.one_hot_smoothed(tf.range(b) % c, c, 0.1)
-  return images, labels
-
-
 
 
 def test_mixup_lambda_distribution():
