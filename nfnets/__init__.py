@@ -5,8 +5,8 @@ e.g. `nfnets.models.forward_fn('F0')`, `nfnets.adaptive_grad_clip(...)`, or
 `from nfnets import models`. This lets entry points configure the host
 runtime (`nfnets.runtime.configure_cpu_runtime()`) before JAX starts.
 """
-import importlib
-from typing import Any, List
+import importlib as _importlib
+import typing as _typing
 
 __version__ = '0.1.0'
 
@@ -16,13 +16,13 @@ _SUBMODULES = ('checkpoints', 'config', 'data', 'models', 'optim', 'runtime',
 _REEXPORTS = {'adaptive_grad_clip': 'nfnets.optim'}
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
   if name in _SUBMODULES:
-    return importlib.import_module(f'nfnets.{name}')
+    return _importlib.import_module(f'nfnets.{name}')
   if name in _REEXPORTS:
-    return getattr(importlib.import_module(_REEXPORTS[name]), name)
+    return getattr(_importlib.import_module(_REEXPORTS[name]), name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-def __dir__() -> List[str]:
-  return sorted(list(globals()) + list(_SUBMODULES) + list(_REEXPORTS))
+def __dir__() -> _typing.List[str]:
+  return sorted(set(globals()) | set(_SUBMODULES) | set(_REEXPORTS))

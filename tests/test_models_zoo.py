@@ -354,7 +354,11 @@ def test_family_rejects_other_families_variants(cls, bad, family):
 def test_import_nfnets_does_not_import_jax():
   import subprocess
   import sys
+  # The README's uses: nfnets.runtime before JAX starts, then nfnets.models,
+  # nfnets.adaptive_grad_clip, nfnets.checkpoints.
   code = ('import nfnets, sys; assert "jax" not in sys.modules; '
+          'assert callable(nfnets.runtime.configure_cpu_runtime); '
+          'assert "jax" not in sys.modules; '
           'm = nfnets.models; assert "jax" in sys.modules; '
           'assert callable(nfnets.adaptive_grad_clip); '
           'assert nfnets.checkpoints.__name__ == "nfnets.checkpoints"')
