@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from nfnets.models import layers
 from nfnets.models.nfnet import bottleneck_width
-from nfnets.models import variants
+from nfnets.models.variants import family_variant
 
 
 class NFRegNetBlock(hk.Module):
@@ -113,7 +113,7 @@ class NFRegNet(hk.Module):
                activation: str = 'silu', conv_lowering: Optional[str] = None,
                remat: bool = False, name: str = 'NF_RegNet'):
     super().__init__(name=name)
-    spec = variants.family_variant(variant, 'nf_regnet')
+    spec = family_variant(variant, 'nf_regnet')
     layers.check_conv_lowering(conv_lowering)
     layers.check_stochdepth_rate(stochdepth_rate)
     self.spec = spec

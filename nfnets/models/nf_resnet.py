@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.models import layers
-from nfnets.models import variants
+from nfnets.models.variants import family_variant
 
 
 class NFResBlock(hk.Module):
@@ -99,7 +99,7 @@ class NFResNet(hk.Module):
                se_ratio: float = 0.25, conv_lowering: Optional[str] = None,
                remat: bool = False, name: str = 'NF_ResNet'):
     super().__init__(name=name)
-    spec = variants.family_variant(variant, 'nf_resnet')
+    spec = family_variant(variant, 'nf_resnet')
     layers.check_conv_lowering(conv_lowering)
     layers.check_stochdepth_rate(stochdepth_rate)
     self.spec = spec

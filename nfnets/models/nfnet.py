@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.models import layers
-from nfnets.models import variants
+from nfnets.models.variants import family_variant
 
 
 def bottleneck_width(out_ch: int, expansion: float, group_size: int):
@@ -135,7 +135,7 @@ class NFNet(hk.Module):
                name: str = 'NFNet'):
     super().__init__(name=name)
     self.remat = remat
-    spec = variants.family_variant(variant, 'nfnet')
+    spec = family_variant(variant, 'nfnet')
     layers.check_conv_lowering(conv_lowering)
     layers.check_stochdepth_rate(stochdepth_rate)
     self.spec = spec

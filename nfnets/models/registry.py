@@ -1,6 +1,6 @@
 """One entry point for every model family: build(name, num_classes, **overrides)."""
 import difflib
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import haiku as hk
 import jax
