@@ -65,12 +65,12 @@ def test_wsconv_standardisation_and_output():
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_wsconv_split_groups_equals_native():
+def test_wsconv_cpu_groups_equals_xla():
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 12))
   kw = dict(output_channels=12, kernel_shape=3, stride=2,
             feature_group_count=3)
-  f_native, params = _conv_apply(x, group_conv_impl='native', **kw)
-  f_split, _ = _conv_apply(x, group_conv_impl='split', **kw)
+  f_native, params = _conv_apply(x, conv_lowering='xla', **kw)
+  f_split, _ = _conv_apply(x, conv_lowering='cpu', **kw)
   assert params['conv']['w'].shape == (3, 3, 4, 12)
   np.testing.assert_allclose(f_native.apply(params, None, x),
                              f_split.apply(params, None, x),
@@ -106,6 +106,22 @@ def test_stochastic_depth():
   assert abs((per_example[:, 0] == 0).mean() - 0.25) < 0.03
 
 
+@pytest.mark.parametrize('rate', [0.0, -0.1, 1.0, 1.5])
+def test_stochastic_depth_off_outside_open_unit_interval(rate):
+  # As the release's blocks: stochastic depth only for 0 < rate < 1; no rng
+  # key is needed (or drawn) otherwise, even in training.
+  x = jnp.ones((64, 2, 2, 3))
+  f = hk.transform(lambda x: layers.stochastic_depth(x, rate, True))
+  np.testing.assert_array_equal(f.apply({}, None, x), x)
+
+
+def test_stochastic_depth_high_rate_still_drops():
+  x = jnp.ones((4000, 1, 1, 1))
+  f = hk.transform(lambda x: layers.stochastic_depth(x, 0.99, True))
+  kept = np.asarray(f.apply({}, jax.random.PRNGKey(0), x)).mean()
+  assert 0 < kept < 0.03
+
+
 def test_squeeze_excite_names_and_range():
   f = hk.transform(lambda x: layers.SqueezeExcite(8, 8, 0.5,
                                                   name='squeeze_excite')(x))
@@ -116,6 +132,26 @@ def test_squeeze_excite_names_and_range():
   out = f.apply(params, None, x)
   assert out.shape == (2, 1, 1, 8)
   assert np.all((out > 0) & (out < 1))
+
+
+def test_squeeze_excite_init_is_hk_linear_default():
+  # The release's SE layers are hk.Linear with the default init: a normal of
+  # stddev 1/sqrt(fan_in) truncated at +-2 stddevs, not rescaled, so the
+  # samples' std is 0.8796/sqrt(fan_in); biases zero.
+  fan_in, hidden = 1024, 512
+  f = hk.transform(lambda x: layers.SqueezeExcite(fan_in, fan_in, 0.5,
+                                                  name='squeeze_excite')(x))
+  params = f.init(jax.random.PRNGKey(3), jnp.zeros((1, 2, 2, fan_in)))
+  w0 = np.asarray(params['squeeze_excite/~/linear']['w'])
+  w1 = np.asarray(params['squeeze_excite/~/linear_1']['w'])
+  assert w0.shape == (fan_in, hidden) and w1.shape == (hidden, fan_in)
+  for w, n in ((w0, fan_in), (w1, hidden)):
+    std = 1 / np.sqrt(n)
+    np.testing.assert_allclose(w.std(), 0.8796 * std, rtol=0.01)
+    assert np.abs(w).max() <= 2 * std + 1e-7
+    assert abs(w.mean()) < 0.01 * std
+  for k in ('linear', 'linear_1'):
+    np.testing.assert_array_equal(params[f'squeeze_excite/~/{k}']['b'], 0)
 
 
 def test_block_schedule_resets_after_transitions():

@@ -203,3 +203,163 @@ def test_remat_keeps_params_outputs_and_gradients():
   np.testing.assert_allclose(l0, l1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6), g0, g1)
+
+
+# ---------------------------------------------------------------------------
+# NF-ResNet / NF-RegNet trees as DeepMind's release (deepmind-research/nfnets,
+# nf_resnet.py, nf_regnet.py, base.py) names and shapes them: top modules
+# 'NF_ResNet' / 'NF_RegNet'; blocks are classes NFResBlock / NFBlock, so
+# Haiku names them 'nf_res_block[_i]' / 'nf_block[_i]'; their WSConv2Ds always
+# have w, gain, bias; SqueezeExcite's unnamed hk.Linears are 'linear' and
+# 'linear_1'; the classifier is an unnamed hk.Linear ('linear'). Built here
+# from the release's arithmetic, independently of nfnets.models.
+
+def _conv(tree, path, k, cin, cout, groups=1):
+  tree[path] = {'w': (k, k, cin // groups, cout), 'gain': (cout,),
+                'bias': (cout,)}
+
+
+def _se(tree, path, ch, ratio):
+  hidden = max(1, int(ch * ratio))
+  tree[f'{path}/~/squeeze_excite/~/linear'] = {'w': (ch, hidden),
+                                               'b': (hidden,)}
+  tree[f'{path}/~/squeeze_excite/~/linear_1'] = {'w': (hidden, ch), 'b': (ch,)}
+
+
+def _release_regnet_tree(widths, depth, num_classes, width=0.75):
+  tree, top = {}, 'NF_RegNet'
+  ch = int(widths[0] * width)
+  _conv(tree, f'{top}/~/initial_conv', 3, 3, ch)
+  index = 0
+  for block_width, stage_depth in zip(widths, depth):
+    for block_index in range(stage_depth):
+      out_ch = int(block_width * width)
+      inner = int(ch * (1 if index == 0 else 2.25))
+      groups = inner // 8
+      inner = groups * 8
+      b = f'{top}/~/nf_block' + (f'_{index}' if index else '')
+      _conv(tree, f'{b}/~/conv0', 1, ch, inner)
+      _conv(tree, f'{b}/~/conv1', 3, inner, inner, groups)
+      _conv(tree, f'{b}/~/conv2', 1, inner, out_ch)
+      if block_index == 0 or ch != out_ch:  # every stage starts strided
+        _conv(tree, f'{b}/~/conv_shortcut', 1, ch, out_ch)
+      _se(tree, b, inner, 0.5)
+      tree[b] = {'skip_gain': ()}
+      ch, index = out_ch, index + 1
+  head = int(1280 * ch // 440)
+  _conv(tree, f'{top}/~/final_conv', 1, ch, head)
+  tree[f'{top}/~/linear'] = {'w': (head, num_classes), 'b': (num_classes,)}
+  return tree
+
+
+def _release_resnet_tree(depth, use_se, num_classes, width=4):
+  tree, top = {}, 'NF_ResNet'
+  ch = int(16 * width)
+  _conv(tree, f'{top}/~/initial_conv', 7, 3, ch)
+  index = 0
+  for block_width, stage_depth, stride in zip(
+      [w * width for w in (64, 128, 256, 512)], depth, (1, 2, 2, 2)):
+    for block_index in range(stage_depth):
+      inner = int(block_width * 0.25)
+      b = f'{top}/~/nf_res_block' + (f'_{index}' if index else '')
+      _conv(tree, f'{b}/~/conv0', 1, ch, inner)
+      _conv(tree, f'{b}/~/conv1', 3, inner, inner)
+      _conv(tree, f'{b}/~/conv2', 1, inner, block_width)
+      if (stride if block_index == 0 else 1) > 1 or ch != block_width:
+        _conv(tree, f'{b}/~/conv_shortcut', 1, ch, block_width)
+      if use_se:
+        _se(tree, b, block_width, 0.25)
+      tree[b] = {'skip_gain': ()}
+      ch, index = block_width, index + 1
+  tree[f'{top}/~/linear'] = {'w': (ch, num_classes), 'b': (num_classes,)}
+  return tree
+
+
+def _ours(name, num_classes):
+  return {path: {k: tuple(v.shape) for k, v in leaves.items()}
+          for path, leaves in M.param_shapes(name, num_classes).items()}
+
+
+@pytest.mark.parametrize('name,widths,depth', [
+    ('nf_regnet_b0', (48, 104, 208, 440), (1, 3, 6, 6)),
+    ('nf_regnet_b5', (80, 168, 336, 704), (3, 7, 14, 14)),
+])
+def test_nf_regnet_tree_matches_release_naming(name, widths, depth):
+  expected = _release_regnet_tree(widths, depth, 17)
+  ours = _ours(name, 17)
+  assert sorted(ours) == sorted(expected)
+  for path in expected:
+    assert ours[path] == expected[path], path
+
+
+@pytest.mark.parametrize('name,depth,use_se', [
+    ('nf_resnet50', (3, 4, 6, 3), False),
+    ('nf_seresnet101', (3, 4, 23, 3), True),
+])
+def test_nf_resnet_tree_matches_release_naming(name, depth, use_se):
+  expected = _release_resnet_tree(depth, use_se, 17)
+  ours = _ours(name, 17)
+  assert sorted(ours) == sorted(expected)
+  for path in expected:
+    assert ours[path] == expected[path], path
+
+
+def test_resnet_and_regnet_classifier_init_as_release():
+  # NF_ResNet: N(0, 0.01) (fc_init=None); NF_RegNet: zeros (fc_init=jnp.zeros).
+  x = jnp.zeros((1, 32, 32, 3))
+  p = jax.jit(M.forward_fn('nf_resnet26', 1000, **_tiny('nf_resnet26')).init,
+              static_argnums=2)(jax.random.PRNGKey(0), x, False)
+  w = np.asarray(p['NF_ResNet/~/linear']['w'])
+  assert w.shape == (256, 1000)
+  assert abs(w.std() - 0.01) < 0.0005 and abs(w.mean()) < 0.0005
+  np.testing.assert_array_equal(p['NF_ResNet/~/linear']['b'], 0)
+  p = jax.jit(M.forward_fn('nf_regnet_b0', 1000,
+                           **_tiny('nf_regnet_b0')).init,
+              static_argnums=2)(jax.random.PRNGKey(0), x, False)
+  np.testing.assert_array_equal(p['NF_RegNet/~/linear']['w'], 0)
+
+
+@pytest.mark.parametrize('width', [0.25, 0.5, 2.0])
+def test_width_multiplier_scales_stages_not_the_nfnet_stem(width):
+  # As the release: NFNet's stem is 16, 32, 64, stage-0 width / 2 whatever
+  # `width`; the stage widths (and so the final conv) are scaled.
+  s = M.param_shapes('F0', 10, width=width)
+  assert s['NFNet/~/stem_conv3']['w'].shape == (3, 3, 64, 128)
+  assert s['NFNet/~/nf_block/~/conv0']['w'].shape[2] == 128
+  assert s['NFNet/~/nf_block/~/conv2']['w'].shape[-1] == int(256 * width)
+  assert s['NFNet/~/final_conv']['w'].shape[-1] == 2 * int(1536 * width)
+  # NF-ResNet / NF-RegNet scale their stems with the widths (release too).
+  r = M.param_shapes('nf_resnet50', 10, width=width)
+  assert r['NF_ResNet/~/initial_conv']['w'].shape[-1] == int(64 * width)
+  g = M.param_shapes('nf_regnet_b0', 10, width=width)
+  assert g['NF_RegNet/~/initial_conv']['w'].shape[-1] == int(48 * width)
+
+
+@pytest.mark.parametrize('name', ['F0', 'nf_resnet26', 'nf_regnet_b0'])
+@pytest.mark.parametrize('rate', [-0.1, 1.5])
+def test_stochdepth_rate_outside_unit_interval_is_rejected(name, rate):
+  with pytest.raises(ValueError, match=r'stochdepth_rate must be in \[0, 1\]'):
+    M.param_shapes(name, 10, stochdepth_rate=rate)
+
+
+@pytest.mark.parametrize('cls,bad,family', [
+    (M.NFNet, 'nf_resnet50', 'NFNet'), (M.NFResNet, 'F0', 'NF-ResNet'),
+    (M.NFRegNet, 'nf_resnet50', 'NF-RegNet')])
+def test_family_rejects_other_families_variants(cls, bad, family):
+  import haiku as hk
+  with pytest.raises(ValueError, match=f'Unknown {family} variant.*valid: '):
+    hk.transform(lambda: cls(variant=bad)).init(None)
+
+
+def test_import_nfnets_does_not_import_jax():
+  import subprocess
+  import sys
+  # The README's uses: nfnets.runtime before JAX starts, then nfnets.models,
+  # nfnets.adaptive_grad_clip, nfnets.checkpoints.
+  code = ('import nfnets, sys; assert "jax" not in sys.modules; '
+          'assert callable(nfnets.runtime.configure_cpu_runtime); '
+          'assert "jax" not in sys.modules; '
+          'm = nfnets.models; assert "jax" in sys.modules; '
+          'assert callable(nfnets.adaptive_grad_clip); '
+          'assert nfnets.checkpoints.__name__ == "nfnets.checkpoints"')
+  subprocess.run([sys.executable, '-c', code], check=True)

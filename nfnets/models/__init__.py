@@ -5,9 +5,11 @@
 >>> models.get_variant('F0').train_size
 192
 """
+from nfnets.models import cpu_conv
 from nfnets.models.flops import count_flops
-from nfnets.models.layers import (ACTIVATION_GAMMAS, Linear, SqueezeExcite,
-                                  WSConv2D, activation_names, get_activation,
+from nfnets.models.layers import (ACTIVATION_GAMMAS, CONV_LOWERINGS, Linear,
+                                  SqueezeExcite, WSConv2D, activation_names,
+                                  default_conv_lowering, get_activation,
                                   stochastic_depth)
 from nfnets.models.nf_regnet import NFRegNet
 from nfnets.models.nf_resnet import NFResNet

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from nfnets.models import layers
 from nfnets.models import registry
 
 
@@ -53,14 +52,16 @@ def count_flops(name: str, image_size=None, num_classes: int = 1000,
     name: model variant.
     image_size: input resolution; defaults to the variant's test size.
     num_classes: classifier outputs.
-    **overrides: passed to `nfnets.models.build`.
+    **overrides: passed to `nfnets.models.build`, except conv_lowering,
+      which may be given but is always 'xla' here: the FLOPs are the model's,
+      read from the plain lowering's jaxpr (the 'cpu' lowering adds products
+      for the weight standardisation sums).
   """
   if image_size is None:
     image_size = registry.get_variant(name).test_size
+  overrides = dict(overrides, conv_lowering='xla')
   fwd = registry.forward_fn(name, num_classes, **overrides)
   params = registry.param_shapes(name, num_classes, **overrides)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  # The plain lowering: the CPU one adds products for weight standardisation.
-  with layers.reference_lowering():
-    jaxpr = jax.make_jaxpr(lambda p, x: fwd.apply(p, None, x, False))(params, x)
+  jaxpr = jax.make_jaxpr(lambda p, x: fwd.apply(p, None, x, False))(params, x)
   return jaxpr_macs(jaxpr.jaxpr)

@@ -5,13 +5,13 @@ input, and compute in the dtype of their input. Feed bfloat16 images to get
 bfloat16 compute with float32 master weights (the fix for the original
 release, which created bfloat16 parameters when bf16 was on).
 """
-import contextlib
-import functools
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
+
+from nfnets.models import cpu_conv
 
 # Gamma constants: scale so that gamma * act(x) has unit second moment for
 # x ~ N(0, 1) (Brock et al. 2021a, appendix; values from the public release).
@@ -78,36 +78,30 @@ def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
   return (v, v) if isinstance(v, int) else tuple(v)
 
 
-# Above this many groups, 'split' costs more (compile time, dispatch) than it
-# saves; NF-RegNets' group width 8 gives up to hundreds of groups.
-MAX_SPLIT_GROUPS = 16
-# Layouts of every convolution here: images NHWC, kernels HWIO.
-_DN = ('NHWC', 'HWIO', 'NHWC')
+# Values of `conv_lowering` (None: `default_conv_lowering`).
+CONV_LOWERINGS = ('xla', 'cpu')
 
 
-_FORCED_IMPL = None
+def check_conv_lowering(conv_lowering: Optional[str]) -> Optional[str]:
+  """Returns `conv_lowering` if valid, else raises a ValueError."""
+  if conv_lowering is not None and conv_lowering not in CONV_LOWERINGS:
+    old = {'native': 'xla', 'split': 'cpu'}
+    hint = (f" (the former group_conv_impl={conv_lowering!r} is now "
+            f"{old[conv_lowering]!r})" if conv_lowering in old else '')
+    raise ValueError(
+        f'conv_lowering must be None (backend default), "xla" (one XLA '
+        f'convolution, grouped natively) or "cpu" (the XLA:CPU arrangement in '
+        f'nfnets.models.cpu_conv), got {conv_lowering!r}{hint}.')
+  return conv_lowering
 
 
-@contextlib.contextmanager
-def reference_lowering():
-  """Within this context WSConv2D uses the plain lowering ('native': one
-  grouped XLA conv, jnp.mean / jnp.var weight standardisation) whatever its
-  group_conv_impl, e.g. to count a model's FLOPs from its jaxpr without the
-  extra products of the CPU lowering. Affects tracing only."""
-  global _FORCED_IMPL
-  old, _FORCED_IMPL = _FORCED_IMPL, 'native'
-  try:
-    yield
-  finally:
-    _FORCED_IMPL = old
-
-
-def group_conv_impl_default(groups: int = 1) -> str:
-  """'split' on CPU for a few groups (XLA:CPU grouped convs are ~10x slower
-  than dense ones, see PAPER.md), 'native' elsewhere."""
-  if jax.default_backend() == 'cpu' and groups <= MAX_SPLIT_GROUPS:
-    return 'split'
-  return 'native'
+def default_conv_lowering(groups: int = 1) -> str:
+  """'cpu' on the CPU backend for convolutions with at most
+  cpu_conv.MAX_SPLIT_GROUPS groups (XLA:CPU's grouped convolutions cost about
+  groups times a dense one; docs/benchmarking.md), 'xla' elsewhere."""
+  if jax.default_backend() == 'cpu' and groups <= cpu_conv.MAX_SPLIT_GROUPS:
+    return 'cpu'
+  return 'xla'
 
 
 class WSConv2D(hk.Module):
@@ -124,8 +118,11 @@ class WSConv2D(hk.Module):
     padding: 'SAME' or 'VALID'.
     feature_group_count: number of groups (grouped convolution).
     eps: floor of var * fan_in (1e-4 in the release).
-    group_conv_impl: 'native' (one grouped XLA conv), 'split' (one dense conv
-      per group; same maths and parameter), or None for the backend default.
+    conv_lowering: how the convolution is lowered, same function and
+      parameters either way: 'xla' (one XLA convolution, grouped natively,
+      jnp.mean / jnp.var standardisation), 'cpu' (nfnets.models.cpu_conv: one
+      dense conv per group, 1x1 convs and the standardisation sums as matrix
+      products; faster on XLA:CPU) or None for `default_conv_lowering`.
     name: module name.
   """
 
@@ -136,24 +133,21 @@ class WSConv2D(hk.Module):
                padding: str = 'SAME',
                feature_group_count: int = 1,
                eps: float = 1e-4,
-               group_conv_impl: Optional[str] = None,
+               conv_lowering: Optional[str] = None,
                name: Optional[str] = None):
     super().__init__(name=name)
-    if group_conv_impl not in (None, 'native', 'split'):
-      raise ValueError(f'group_conv_impl must be None, "native" or "split", '
-                       f'got {group_conv_impl!r}.')
     self.output_channels = output_channels
     self.kernel_shape = _pair(kernel_shape)
     self.stride = _pair(stride)
     self.padding = padding
     self.feature_group_count = feature_group_count
     self.eps = eps
-    self.group_conv_impl = group_conv_impl
+    self.conv_lowering = check_conv_lowering(conv_lowering)
 
-  def _impl(self) -> str:
-    if _FORCED_IMPL is not None:
-      return _FORCED_IMPL
-    return self.group_conv_impl or group_conv_impl_default(
+  @property
+  def lowering(self) -> str:
+    """The lowering used: 'xla' or 'cpu' (resolved at trace time)."""
+    return self.conv_lowering or default_conv_lowering(
         self.feature_group_count)
 
   def standardized_weight(self, in_channels: int) -> jax.Array:
@@ -170,8 +164,8 @@ class WSConv2D(hk.Module):
     gain = hk.get_parameter('gain', (self.output_channels,), jnp.float32,
                             init=jnp.ones)
     w = w.astype(jnp.float32)
-    if self._impl() == 'split':
-      return _standardize_by_matmul(w, gain, self.eps)
+    if self.lowering == 'cpu':
+      return cpu_conv.standardize_by_matmul(w, gain, self.eps)
     mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
     var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
     scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, self.eps)) * gain
@@ -182,177 +176,14 @@ class WSConv2D(hk.Module):
     bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32,
                             init=jnp.zeros)
     groups = self.feature_group_count
-    if self._impl() == 'split':
-      out = cpu_conv(x, w, self.stride, self.padding, groups)
+    if self.lowering == 'cpu':
+      out = cpu_conv.conv(x, w, self.stride, self.padding, groups)
     else:
       out = jax.lax.conv_general_dilated(
           x, w, window_strides=self.stride, padding=self.padding,
-          dimension_numbers=_DN,
+          dimension_numbers=cpu_conv.DIMENSION_NUMBERS,
           feature_group_count=groups)
     return out + bias.astype(out.dtype)
-
-
-# ---------------------------------------------------------------------------
-# CPU-oriented lowering (WSConv2D with group_conv_impl='split', the CPU
-# default). Measured on XLA:CPU, jax 0.10.2, F0 forward+backward at batch 8,
-# 192 px, 2 cores (CPU seconds per step, same process, interleaved runs):
-# 4.2 s before, 3.8 s with the matmul weight standardisation, 2.6 s with
-# 1x1 convolutions as matrix products as well. Why:
-#  * grouped convolutions: XLA:CPU expands feature groups into a dense conv
-#    (~10x the work); one dense conv per group avoids it.
-#  * 1x1 stride-1 convolutions: as convolutions, their weight gradient is
-#    lowered to a convolution over the transposed activations ([C, H, W, B],
-#    with slow transposes whose innermost dimension is the batch) and runs
-#    ~4x slower than the forward pass; as a [B*H*W, C] x [C, O] matrix
-#    product, the weight gradient is one more product.
-#  * weight standardisation: XLA:CPU runs the per-output-channel column
-#    reductions (and their gradients) as slow single-threaded fusions (~100 ms
-#    for F0's 1536 x 3072 final conv); [1, fan_in] x [fan_in, O] products
-#    compute the same sums ~10x faster.
-#  * strided k x k convolutions on large maps (>= 48 x 48 inputs): XLA
-#    computes their input gradient as one convolution over the stride-dilated
-#    output gradient, 3/4 of whose taps hit zeros at stride 2 (F0's
-#    stem_conv3, 64->128 channels, 96 px, batch 8: 26.9 ms vs 8-10 ms for the
-#    forward); `_strided_conv_input_grad` splits it into one stride-1
-#    convolution per output phase instead (13.3 ms). On small maps the
-#    phase bookkeeping costs more than it saves, so they keep XLA's.
-# Tried and dropped: the k x k weight gradient as im2col or per-tap matrix
-# products (long-K products with small outputs are slower than XLA's own
-# weight-gradient convolution here).
-# ---------------------------------------------------------------------------
-# Inputs with at least this many pixels (H * W) get the phase-split input
-# gradient when the convolution is strided.
-_PHASE_GRAD_MIN_PIXELS = 48 * 48
-
-
-def _standardize_by_matmul(w: jax.Array, gain: jax.Array,
-                           eps: float) -> jax.Array:
-  """Weight standardisation with the per-output-channel means over
-  (H, W, I) written as [1, fan_in] x [fan_in, O] products (same maths as
-  jnp.mean / jnp.var, both passes in float32)."""
-  shape = w.shape
-  fan_in = shape[0] * shape[1] * shape[2]
-  w2 = w.reshape(fan_in, shape[-1])
-  ones = jnp.full((1, fan_in), 1.0 / fan_in, w.dtype)
-  hi = jax.lax.Precision.HIGHEST
-  mean = jnp.dot(ones, w2, precision=hi)
-  centered = w2 - mean
-  var = jnp.dot(ones, centered * centered, precision=hi)
-  scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
-  return (centered * scale).reshape(shape)
-
-
-def _same_pads(n: int, k: int, s: int) -> Tuple[int, int]:
-  out = -(-n // s)
-  total = max((out - 1) * s + k - n, 0)
-  return total // 2, total - total // 2
-
-
-def _conv_pads(x_shape, kernel_hw, stride, padding):
-  if isinstance(padding, str):
-    if padding.upper() == 'SAME':
-      return tuple(_same_pads(n, k, s) for n, k, s in
-                   zip(x_shape[1:3], kernel_hw, stride))
-    if padding.upper() == 'VALID':
-      return ((0, 0), (0, 0))
-    raise ValueError(f'Unknown padding {padding!r}.')
-  return tuple(tuple(p) for p in padding)
-
-
-def _phase_taps(n: int, k: int, s: int, pad_lo: int, n_out: int, p: int):
-  """For the input positions r = s * m + p (m < rows) of a conv with kernel
-  k, stride s and low padding pad_lo: (rows, first kernel tap k0, number of
-  taps T, low/high padding of the output gradient). Those positions receive
-  dy[m + d - t] * w[k0 + s * t] for t < T, with d = (p + pad_lo) // s."""
-  rows = -(-(n - p) // s)
-  k0 = (p + pad_lo) % s
-  d = (p + pad_lo) // s
-  taps = max(0, -(-(k - k0) // s))
-  lo = taps - 1 - d
-  return rows, k0, taps, lo, rows + taps - 1 - n_out - lo
-
-
-def _strided_conv_input_grad(dy, w, x_shape, stride, pads):
-  """d(conv(x, w, stride, pads))/dx applied to dy, as one stride-1
-  convolution per phase (p, q) of the input grid, interleaved."""
-  b, h, wd, c = x_shape
-  (s_h, s_w), zero = stride, jnp.zeros((), dy.dtype)
-  phases = []
-  for p in range(s_h):
-    rows, kh0, t_h, lo_h, hi_h = _phase_taps(h, w.shape[0], s_h, pads[0][0],
-                                             dy.shape[1], p)
-    row = []
-    for q in range(s_w):
-      cols, kw0, t_w, lo_w, hi_w = _phase_taps(wd, w.shape[1], s_w,
-                                               pads[1][0], dy.shape[2], q)
-      if not (t_h and t_w):
-        row.append(jnp.zeros((b, rows, cols, c), dy.dtype))
-        continue
-      # Taps of this phase, flipped, mapping output to input channels.
-      ker = jnp.swapaxes(w[kh0::s_h, kw0::s_w][::-1, ::-1], 2, 3)
-      dyp = jax.lax.pad(dy, zero, ((0, 0, 0), (lo_h, hi_h, 0),
-                                   (lo_w, hi_w, 0), (0, 0, 0)))
-      row.append(jax.lax.conv_general_dilated(dyp, ker, (1, 1), 'VALID',
-                                              dimension_numbers=_DN))
-    phases.append(row)
-  if h % s_h == 0 and wd % s_w == 0:  # equal phases: one interleaving copy
-    stacked = jnp.stack([jnp.stack(row) for row in phases])
-    return stacked.transpose(2, 3, 0, 4, 1, 5).reshape(x_shape)
-  dx = jnp.zeros(x_shape, dy.dtype)
-  for p, row in enumerate(phases):
-    for q, phase in enumerate(row):
-      dx = dx.at[:, p::s_h, q::s_w, :].set(phase)
-  return dx
-
-
-def _xla_conv(x, w, stride, pads):
-  return jax.lax.conv_general_dilated(x, w, window_strides=stride,
-                                      padding=pads, dimension_numbers=_DN)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _strided_conv(x, w, stride, pads):
-  return _xla_conv(x, w, stride, pads)
-
-
-def _strided_conv_fwd(x, w, stride, pads):
-  return _xla_conv(x, w, stride, pads), (x, w)
-
-
-def _strided_conv_bwd(stride, pads, res, dy):
-  x, w = res
-  dw = jax.vjp(lambda w_: _xla_conv(x, w_, stride, pads), w)[1](dy)[0]
-  return _strided_conv_input_grad(dy, w, x.shape, stride, pads), dw
-
-
-_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
-
-
-def _dense_conv(x, w, stride, pads):
-  if w.shape[:2] == (1, 1) and stride == (1, 1) and pads == ((0, 0), (0, 0)):
-    b, h, wd, c = x.shape
-    out = jnp.dot(x.reshape(b * h * wd, c), w.reshape(c, w.shape[-1]))
-    return out.reshape(b, h, wd, w.shape[-1])
-  if (stride != (1, 1) and w.shape[:2] != (1, 1)
-      and x.shape[1] * x.shape[2] >= _PHASE_GRAD_MIN_PIXELS):
-    return _strided_conv(x, w, stride, pads)
-  return _xla_conv(x, w, stride, pads)
-
-
-def cpu_conv(x: jax.Array, w: jax.Array, stride=1, padding='SAME',
-             groups: int = 1) -> jax.Array:
-  """Same result as conv_general_dilated(x, w, stride, padding,
-  ('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups), arranged for
-  XLA:CPU: one dense conv per group, 1x1 stride-1 convs as matrix products
-  (see the comment above)."""
-  stride = _pair(stride)
-  pads = _conv_pads(x.shape, w.shape[:2], stride, padding)
-  if groups == 1:
-    return _dense_conv(x, w, stride, pads)
-  xs = jnp.split(x, groups, axis=-1)
-  ws = jnp.split(w, groups, axis=-1)
-  return jnp.concatenate([_dense_conv(a, b, stride, pads)
-                          for a, b in zip(xs, ws)], axis=-1)
 
 
 class Linear(hk.Module):
@@ -360,7 +191,9 @@ class Linear(hk.Module):
 
   Args:
     output_size: number of outputs.
-    w_init: initializer of 'w' (default: variance scaling, fan_in, truncated).
+    w_init: initializer of 'w'. Default: hk.Linear's (and so the release's
+      squeeze-excite layers'), a normal with stddev 1 / sqrt(fan_in)
+      truncated at 2 stddevs, not rescaled (sample std ~0.88 / sqrt(fan_in)).
     name: module name.
   """
 
@@ -372,8 +205,8 @@ class Linear(hk.Module):
     self.w_init = w_init
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    w_init = self.w_init or hk.initializers.VarianceScaling(1.0, 'fan_in',
-                                                            'truncated_normal')
+    w_init = self.w_init or hk.initializers.TruncatedNormal(
+        1.0 / x.shape[-1] ** 0.5)
     w = hk.get_parameter('w', (x.shape[-1], self.output_size), jnp.float32,
                          init=w_init)
     b = hk.get_parameter('b', (self.output_size,), jnp.float32,
@@ -390,7 +223,8 @@ class SqueezeExcite(hk.Module):
     in_ch: input channels.
     out_ch: output channels.
     se_ratio: hidden width = max(1, int(in_ch * se_ratio)).
-    name: module name ('squeeze_excite'); its layers are 'linear', 'linear_1'.
+    name: module name ('squeeze_excite'); its layers are 'linear', 'linear_1'
+      (Linear's default init, as hk.Linear in the release).
   """
 
   def __init__(self, in_ch: int, out_ch: int, se_ratio: float = 0.5,
@@ -410,15 +244,25 @@ def stochastic_depth(x: jax.Array, drop_rate: float,
                      is_training: bool) -> jax.Array:
   """Drops whole residual branches per example ([B,1,1,1] Bernoulli mask).
 
-  As in the release the kept branches are *not* rescaled by 1/keep_prob.
-  Needs an hk rng key when is_training and drop_rate > 0.
+  As in the release: the kept branches are *not* rescaled by 1/keep_prob,
+  and stochastic depth is off (x returned unchanged) unless
+  0 < drop_rate < 1. Needs an hk rng key when it is on and is_training.
   """
-  if not is_training or drop_rate <= 0.0:
+  if not is_training or not 0.0 < drop_rate < 1.0:
     return x
   keep_prob = 1.0 - drop_rate
   r = jax.random.uniform(hk.next_rng_key(), (x.shape[0], 1, 1, 1), jnp.float32)
   mask = jnp.floor(keep_prob + r).astype(x.dtype)
   return x * mask
+
+
+def check_stochdepth_rate(rate: float) -> float:
+  """A model's stochdepth_rate (the last block's drop rate) must be in
+  [0, 1]; returns it."""
+  if not 0.0 <= rate <= 1.0:
+    raise ValueError(f'stochdepth_rate must be in [0, 1] (0 = off), got '
+                     f'{rate!r}.')
+  return rate
 
 
 def gated_residual(branch: jax.Array, shortcut: jax.Array, alpha: float,

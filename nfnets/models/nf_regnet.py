@@ -4,8 +4,15 @@ RegNetY-style networks built from inverted bottlenecks (1x1 expand by 2.25,
 grouped 3x3 with group width 8, squeeze-excite, 1x1 project) with the
 normalizer-free ingredients, and an EfficientNet-like head (1x1 conv to
 1280 * last_width / 440 channels). Widths/depths/image sizes from the table in
-nfnets.models.variants, all scaled by the width factor 0.75. No released weights exist to verify parameter counts
-against; the block follows the paper's description.
+nfnets.models.variants, all scaled by the width factor 0.75. No released
+weights exist to verify parameter counts against; the block follows the
+paper's description and DeepMind's release.
+
+Module and parameter names follow the release, so its Haiku params load
+unchanged: 'NF_RegNet/~/initial_conv', 'NF_RegNet/~/nf_block',
+'NF_RegNet/~/nf_block_1', ... each with conv0, conv1, squeeze_excite/~/linear,
+squeeze_excite/~/linear_1, conv2, (conv_shortcut) and the block's
+'skip_gain'; 'NF_RegNet/~/final_conv'; 'NF_RegNet/~/linear'.
 """
 from typing import Dict, Optional, Sequence
 
@@ -15,7 +22,7 @@ import jax.numpy as jnp
 
 from nfnets.models import layers
 from nfnets.models.nfnet import bottleneck_width
-from nfnets.models.variants import VARIANTS
+from nfnets.models.variants import family_variant
 
 
 class NFRegNetBlock(hk.Module):
@@ -32,25 +39,30 @@ class NFRegNetBlock(hk.Module):
     alpha: residual scale.
     activation: gamma-scaled nonlinearity.
     stochdepth_rate: probability of dropping the residual branch.
-    name: module name.
+    conv_lowering: None, 'xla' or 'cpu' (see layers.WSConv2D).
+    name: module name (default 'nf_block', as in the release).
   """
 
   def __init__(self, in_ch: int, out_ch: int, expansion: float = 2.25,
                se_ratio: float = 0.5, group_size: int = 8, stride: int = 1,
                beta: float = 1.0, alpha: float = 0.2,
                activation=layers.get_activation('silu'),
-               stochdepth_rate: float = 0.0, name: Optional[str] = None):
+               stochdepth_rate: float = 0.0,
+               conv_lowering: Optional[str] = None,
+               name: Optional[str] = 'nf_block'):
     super().__init__(name=name)
     self.stride, self.beta, self.alpha = stride, beta, alpha
     self.activation, self.stochdepth_rate = activation, stochdepth_rate
     width, groups = bottleneck_width(in_ch, expansion, group_size)
-    self.conv0 = layers.WSConv2D(width, 1, name='conv0')
-    self.conv1 = layers.WSConv2D(width, 3, stride, feature_group_count=groups,
-                                 name='conv1')
+    conv = lambda ch, k, s=1, g=1, name=None: layers.WSConv2D(
+        ch, k, s, feature_group_count=g, conv_lowering=conv_lowering,
+        name=name)
+    self.conv0 = conv(width, 1, name='conv0')
+    self.conv1 = conv(width, 3, stride, groups, name='conv1')
     self.se = layers.SqueezeExcite(width, width, se_ratio,
                                    name='squeeze_excite')
-    self.conv2 = layers.WSConv2D(out_ch, 1, name='conv2')
-    self.conv_shortcut = (layers.WSConv2D(out_ch, 1, name='conv_shortcut')
+    self.conv2 = conv(out_ch, 1, name='conv2')
+    self.conv_shortcut = (conv(out_ch, 1, name='conv_shortcut')
                           if stride > 1 or in_ch != out_ch else None)
 
   def __call__(self, x: jax.Array, is_training: bool):
@@ -83,10 +95,14 @@ class NFRegNet(hk.Module):
     group_size: group width of the 3x3 convs (8).
     se_ratio: squeeze-excite ratio (0.5).
     alpha: residual scale (0.2).
-    stochdepth_rate: final block's drop rate (linear in block index).
+    stochdepth_rate: in [0, 1]; block i of n drops its residual branch with
+      probability rate * i / n.
     drop_rate: dropout before the classifier (None: the variant's).
     activation: scaled nonlinearity name ('silu', a.k.a. 'swish').
-    name: top module name.
+    conv_lowering: None (backend default), 'xla' or 'cpu'; see
+      layers.WSConv2D. Same parameters and function either way.
+    remat: recompute each block's activations in the backward pass.
+    name: top module name; 'NF_RegNet' as in the release.
   """
 
   def __init__(self, num_classes: int = 1000, variant: str = 'nf_regnet_b0',
@@ -94,19 +110,21 @@ class NFRegNet(hk.Module):
                expansion: float = 2.25, group_size: int = 8,
                se_ratio: float = 0.5, alpha: float = 0.2,
                stochdepth_rate: float = 0.1, drop_rate: Optional[float] = None,
-               activation: str = 'silu', name: str = 'NFRegNet'):
+               activation: str = 'silu', conv_lowering: Optional[str] = None,
+               remat: bool = False, name: str = 'NF_RegNet'):
     super().__init__(name=name)
-    if variant not in VARIANTS or VARIANTS[variant].family != 'nf_regnet':
-      valid = [k for k, v in VARIANTS.items() if v.family == 'nf_regnet']
-      raise ValueError(f'Unknown NF-RegNet variant {variant!r}; valid: {valid}.')
-    spec = VARIANTS[variant]
+    spec = family_variant(variant, 'nf_regnet')
+    layers.check_conv_lowering(conv_lowering)
+    layers.check_stochdepth_rate(stochdepth_rate)
     self.spec = spec
+    self.remat = remat
     self.drop_rate = spec.dropout if drop_rate is None else drop_rate
     self.activation = layers.get_activation(activation)
     depth = tuple(depth) if depth is not None else spec.depth
     widths = [max(1, int(w * width)) for w in spec.width]
     ch = max(1, int(spec.width[0] * width))
-    self.initial_conv = layers.WSConv2D(ch, 3, 2, name='initial_conv')
+    self.initial_conv = layers.WSConv2D(ch, 3, 2, conv_lowering=conv_lowering,
+                                        name='initial_conv')
     self.blocks = []
     for b in layers.block_schedule(depth, alpha):
       self.blocks.append(NFRegNetBlock(
@@ -114,10 +132,15 @@ class NFRegNet(hk.Module):
           se_ratio=se_ratio, group_size=group_size,
           stride=2 if b.first_in_stage else 1, beta=b.beta, alpha=alpha,
           activation=self.activation,
-          stochdepth_rate=stochdepth_rate * b.depth_fraction))
+          stochdepth_rate=stochdepth_rate * b.depth_fraction,
+          conv_lowering=conv_lowering))
       ch = widths[b.stage]
-    self.final_conv = layers.WSConv2D(
-        max(1, int(1280 * spec.width[-1] / 440 * width)), 1, name='final_conv')
+    # EfficientNet-like head: 1280 * (last stage width) // 440 channels,
+    # rounded as the release (from the scaled last width).
+    self.final_conv = layers.WSConv2D(max(1, 1280 * ch // 440), 1,
+                                      conv_lowering=conv_lowering,
+                                      name='final_conv')
+    # Zero-initialised, as the release's NF_RegNet (fc_init=jnp.zeros).
     self.fc = layers.Linear(num_classes, w_init=jnp.zeros, name='linear')
 
   def __call__(self, x: jax.Array, is_training: bool = True,
@@ -125,7 +148,7 @@ class NFRegNet(hk.Module):
     outputs = {}
     out = self.initial_conv(x)
     out = layers.run_blocks(self.blocks, out, is_training, return_metrics,
-                            outputs)
+                            outputs, remat=self.remat)
     out = self.activation(self.final_conv(out))
     return layers.pool_and_classify(out, self.fc, self.drop_rate, is_training,
                                     outputs)

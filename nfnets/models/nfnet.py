@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.models import layers
-from nfnets.models.variants import VARIANTS
+from nfnets.models.variants import family_variant
 
 
 def bottleneck_width(out_ch: int, expansion: float, group_size: int):
@@ -49,7 +49,7 @@ class NFBlock(hk.Module):
     activation: gamma-scaled nonlinearity.
     stochdepth_rate: probability of dropping the residual branch.
     use_two_convs: use conv1b (the second grouped 3x3 conv).
-    group_conv_impl: see WSConv2D.
+    conv_lowering: None, 'xla' or 'cpu' (see layers.WSConv2D).
     name: module name (default 'nf_block').
   """
 
@@ -58,7 +58,7 @@ class NFBlock(hk.Module):
                beta: float = 1.0, alpha: float = 0.2,
                activation=layers.get_activation('gelu'),
                stochdepth_rate: float = 0.0, use_two_convs: bool = True,
-               group_conv_impl: Optional[str] = None,
+               conv_lowering: Optional[str] = None,
                name: Optional[str] = None):
     super().__init__(name=name)
     self.stride = stride
@@ -69,7 +69,7 @@ class NFBlock(hk.Module):
     self.width, self.groups = bottleneck_width(out_ch, expansion, group_size)
     conv = lambda ch, k, s=1, g=1, name=None: layers.WSConv2D(
         ch, k, s, 'SAME', feature_group_count=g,
-        group_conv_impl=group_conv_impl, name=name)
+        conv_lowering=conv_lowering, name=name)
     self.conv0 = conv(self.width, 1, name='conv0')
     self.conv1 = conv(self.width, 3, stride, self.groups, name='conv1')
     self.conv1b = (conv(self.width, 3, 1, self.groups, name='conv1b')
@@ -105,18 +105,21 @@ class NFNet(hk.Module):
   Args:
     num_classes: classifier outputs.
     variant: 'F0'..'F7' or 'F0+'..'F7+' (see nfnets.models.variants).
-    width: multiplier on the variant's stage widths (1.0 = the paper).
+    width: multiplier on the variant's stage widths (1.0 = the paper); the
+      stem keeps its widths (16, 32, 64, stage-0 width / 2), as in the
+      release.
     depth: optional override of the blocks per stage.
     group_size: channels per group in the 3x3 convs (128 in the paper).
     se_ratio: squeeze-excite hidden ratio (0.5).
     alpha: residual scale (0.2).
-    stochdepth_rate: final block's drop rate; block i uses rate * i / blocks
-      (0.25 in the released training config).
+    stochdepth_rate: in [0, 1]; block i of n drops its residual branch with
+      probability rate * i / n (0.25 in the released training config).
     drop_rate: dropout before the classifier (None: the variant's).
     activation: name of the scaled nonlinearity ('gelu').
     final_conv_mult: final 1x1 conv width = mult * last stage width (2).
     use_two_convs: two grouped 3x3 convs per block (True for NFNets).
-    group_conv_impl: 'native', 'split' or None (backend default).
+    conv_lowering: None (backend default), 'xla' or 'cpu'; see
+      layers.WSConv2D. Same parameters and function either way.
     remat: recompute each block's activations in the backward pass
       (hk.remat): less memory for large variants/batches, more compute.
     name: top module name; 'NFNet' matches the released checkpoints.
@@ -128,14 +131,13 @@ class NFNet(hk.Module):
                alpha: float = 0.2, stochdepth_rate: float = 0.25,
                drop_rate: Optional[float] = None, activation: str = 'gelu',
                final_conv_mult: float = 2.0, use_two_convs: bool = True,
-               group_conv_impl: Optional[str] = None, remat: bool = False,
+               conv_lowering: Optional[str] = None, remat: bool = False,
                name: str = 'NFNet'):
     super().__init__(name=name)
     self.remat = remat
-    if variant not in VARIANTS or VARIANTS[variant].family != 'nfnet':
-      valid = [k for k, v in VARIANTS.items() if v.family == 'nfnet']
-      raise ValueError(f'Unknown NFNet variant {variant!r}; valid: {valid}.')
-    spec = VARIANTS[variant]
+    spec = family_variant(variant, 'nfnet')
+    layers.check_conv_lowering(conv_lowering)
+    layers.check_stochdepth_rate(stochdepth_rate)
     self.spec = spec
     self.num_classes = num_classes
     self.drop_rate = spec.dropout if drop_rate is None else drop_rate
@@ -145,8 +147,8 @@ class NFNet(hk.Module):
       raise ValueError(f'depth must be 4 positive ints, got {depth}.')
     widths = [max(1, int(w * width)) for w in spec.width]
     conv = lambda ch, s, name: layers.WSConv2D(
-        ch, 3, s, 'SAME', group_conv_impl=group_conv_impl, name=name)
-    stem_ch = max(1, widths[0] // 2)
+        ch, 3, s, 'SAME', conv_lowering=conv_lowering, name=name)
+    stem_ch = spec.width[0] // 2  # not scaled by `width` (as the release)
     self.stem = [conv(16, 2, 'stem_conv0'), conv(32, 1, 'stem_conv1'),
                  conv(64, 1, 'stem_conv2'), conv(stem_ch, 2, 'stem_conv3')]
     self.blocks = []
@@ -159,10 +161,10 @@ class NFNet(hk.Module):
           stride=(1, 2, 2, 2)[b.stage] if b.first_in_stage else 1,
           beta=b.beta, alpha=alpha, activation=self.activation,
           stochdepth_rate=stochdepth_rate * b.depth_fraction,
-          use_two_convs=use_two_convs, group_conv_impl=group_conv_impl))
+          use_two_convs=use_two_convs, conv_lowering=conv_lowering))
       ch = stage_width
     self.final_conv = layers.WSConv2D(int(final_conv_mult * ch), 1,
-                                      group_conv_impl=group_conv_impl,
+                                      conv_lowering=conv_lowering,
                                       name='final_conv')
     self.fc = layers.Linear(num_classes,
                             w_init=hk.initializers.RandomNormal(0.01, 0.0),

@@ -1,6 +1,6 @@
 """One entry point for every model family: build(name, num_classes, **overrides)."""
 import difflib
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import haiku as hk
 import jax
@@ -51,10 +51,17 @@ def build(name: str, num_classes: int = 1000, **overrides) -> hk.Module:
       'nf_seresnet101', 'nf_regnet_b2'. Case-insensitive for F-variants.
     num_classes: classifier outputs.
     **overrides: keyword arguments of the family's constructor (width, depth,
-      stochdepth_rate, drop_rate, activation, group_conv_impl, ...).
+      stochdepth_rate, drop_rate, activation, conv_lowering, remat, ...).
+      conv_lowering: None (the backend's default: 'cpu' on the CPU backend,
+      'xla' elsewhere), 'xla' or 'cpu'; every family accepts it.
   Returns:
     A module called as model(images, is_training) -> {'logits', 'pool', ...}.
   """
+  if 'group_conv_impl' in overrides:
+    raise TypeError(
+        "group_conv_impl was renamed conv_lowering: use conv_lowering='xla' "
+        "for 'native', conv_lowering='cpu' for 'split' (None = backend "
+        "default).")
   spec = get_variant(name)
   return _FAMILIES[spec.family](num_classes=num_classes, variant=spec.name,
                                 **overrides)

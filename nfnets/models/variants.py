@@ -93,3 +93,23 @@ def _make_table():
 
 
 VARIANTS = _make_table()
+
+_FAMILY_NAMES = {'nfnet': 'NFNet', 'nf_resnet': 'NF-ResNet',
+                 'nf_regnet': 'NF-RegNet'}
+
+
+def family_variant(variant: str, family: str) -> VariantSpec:
+  """The table row of `variant`, which must belong to `family`.
+
+  Args:
+    variant: canonical variant name (e.g. 'F0', 'nf_resnet50').
+    family: 'nfnet', 'nf_resnet' or 'nf_regnet'.
+  Raises:
+    ValueError: naming the family's valid variants.
+  """
+  spec = VARIANTS.get(variant)
+  if spec is None or spec.family != family:
+    valid = [k for k, v in VARIANTS.items() if v.family == family]
+    raise ValueError(f'Unknown {_FAMILY_NAMES[family]} variant {variant!r}; '
+                     f'valid: {", ".join(valid)}.')
+  return spec
