@@ -41,7 +41,7 @@ fi
 # Runs, most important first (each one's results are on disk as soon as it
 # ends, so a time-out loses only the runs after it):
 #   F0 bf16 batch 128; batch 256 (+ a 2-step per-op trace); batch 256 with
-#   group_conv_impl=split (one dense conv per group, the CPU lowering) to see
+#   conv_lowering=cpu (one dense conv per group, the CPU lowering) to see
 #   whether cuDNN's grouped convs are the bottleneck on the GPU too.
 # GPU_CHECK_RUNS / GPU_CHECK_ARGS: only for a dry run of this script on a CPU
 # with a tiny model, e.g. GPU_CHECK_RUNS="2 4:trace" GPU_CHECK_ARGS="--width
@@ -54,7 +54,7 @@ for run in "${RUNS[@]}"; do
   extra=()
   case "$tag" in
     trace) extra=(--profile_steps 2 --profile_out "$OUT/f0_b$b.xplane.pb") ;;
-    split) extra=(--group_conv_impl split) ;;
+    split) extra=(--conv_lowering cpu) ;;
   esac
   name="b$b${tag:+_$tag}"
   timeout "${GPU_CHECK_RUN_TIMEOUT:-200}" python3 scripts/benchmark.py \
@@ -77,7 +77,7 @@ for line in open(sys.argv[1]):
   r = json.loads(line)
   mem = r['peak_mem_bytes'] / 2**30 if r['peak_mem_bytes'] else float('nan')
   mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'
-  impl = r['overrides'].get('group_conv_impl', 'default')
+  impl = r['overrides'].get('conv_lowering', 'default')
   print(f"{r['batch_size']:<6d} {impl:<7s} {r['img_per_s']:<9.1f} {r['step_ms']:<8.2f} "
         f"{r['compile_s']:<10.1f} {mem:<13.2f} {r['achieved_tflops']:<8.1f} "
         f"{mfu:<7s} {r['device_kind']} ({r['peak_mem_source']})")

@@ -128,8 +128,6 @@ def test_model_kwargs_declares_the_constructors_overrides():
   taken = set()
   for cls in families.values():
     params = set(inspect.signature(cls).parameters)
-    # The models helper renames group_conv_impl to conv_lowering.
-    params = {'conv_lowering' if p == 'group_conv_impl' else p for p in params}
     params -= {'num_classes', 'variant', 'name'}
     assert params <= set(config_lib.MODEL_KWARGS), cls
     taken |= params
