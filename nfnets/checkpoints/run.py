@@ -100,6 +100,30 @@ def _short(e: BaseException, limit: int = 400) -> str:
   return f'{type(e).__name__}: {text}'
 
 
+def _is_closed_loop_noise(unraisable) -> bool:
+  exc = unraisable.exc_value
+  return isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+
+
+def _silence_closed_loop_noise() -> None:
+  """After a failed orbax restore, tensorstore reads still in flight call
+  back into orbax's already closed asyncio loop; Python prints each as an
+  'Exception ignored ... Event loop is closed' traceback. Those (and only
+  those) are logged at DEBUG instead. Installed once, process-wide."""
+  import sys  # pylint: disable=g-import-not-at-top
+  previous = sys.unraisablehook
+  if getattr(previous, '_nfnets_filter', False):
+    return
+
+  def hook(unraisable):
+    if _is_closed_loop_noise(unraisable):
+      log.debug('Ignored after a failed restore: %s', unraisable.exc_value)
+      return
+    previous(unraisable)
+  hook._nfnets_filter = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
 def _all_processes_agree(ok: bool) -> bool:
   """True iff `ok` on every process (a collective on several hosts)."""
   if jax.process_count() == 1:
@@ -128,6 +152,13 @@ class RunCheckpointer:
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
+    # orbax removes unfinished temporary dirs in a background thread; wait
+    # for it, so that a run that fails right away does not end with that
+    # thread's 'cannot schedule new futures after shutdown' traceback.
+    await_cleanup = getattr(self.manager, '_maybe_await_cleanup_tmp_directory',
+                            None)
+    if await_cleanup is not None:
+      await_cleanup()
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -226,6 +257,7 @@ class RunCheckpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(restore_target)))['state']
     except Exception as e:  # pylint: disable=broad-except
+      _silence_closed_loop_noise()
       log.debug('Restoring %s/state failed', where, exc_info=e)
       return None, _short(e)
     return restored, None
