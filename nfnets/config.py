@@ -68,6 +68,10 @@ def base_config(variant: str = 'F0') -> ml_collections.ConfigDict:
   c.train.max_nonfinite_steps = 10
   c.train.freeze_body = False  # train only the classifier (fine-tuning)
   c.train.prefetch = 2  # batches prefetched to device
+  # Console: the lowest level of *library* messages shown (orbax, tfds,
+  # TensorFlow, jax): 'debug' | 'info' | 'warning' | 'error'. Our own
+  # progress lines are always shown. 'warning' hides library INFO chatter.
+  c.train.log_level = 'warning'
 
   c.init = ml_collections.ConfigDict()
   # Start from weights: a released F*_haiku.npz, a safe .npz, or one of our
