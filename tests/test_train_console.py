@@ -15,7 +15,7 @@ def _train(workdir, *overrides):
          if k not in ('TF_CPP_MIN_LOG_LEVEL', 'XLA_FLAGS')}
   env['PYTHONPATH'] = REPO
   cmd = [sys.executable, '-m', 'nfnets.train', '--config=configs/demo.py',
-         f'--workdir={workdir}', '--config.train.num_steps=20',
+         f'--workdir={workdir}', '--config.train.num_steps=30',
          '--config.train.log_every_steps=10',
          '--config.train.checkpoint_every_steps=10', *overrides]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
@@ -33,8 +33,8 @@ def test_demo_console_shows_our_lines_only(demo):
   out = run.stdout + run.stderr
   assert run.returncode == 0, out[-5000:]
   lines = out.splitlines()
-  assert any('[10/20] loss' in l for l in lines), out
-  assert any('[20/20] loss' in l for l in lines), out
+  assert any('[10/30] loss' in l for l in lines), out
+  assert any('[30/30] loss' in l for l in lines), out
   assert any('eval top1' in l for l in lines), out
   assert not [l for l in lines if 'orbax' in l or 'checkpoint_manager' in l
               or 'async_checkpointer' in l], out
@@ -52,7 +52,7 @@ def test_unreadable_checkpoints_give_one_clear_error(demo):
   for path in files:
     with open(path, 'r+b') as f:
       f.truncate(os.path.getsize(path) // 2)
-  run = _train(workdir, '--config.train.num_steps=30')
+  run = _train(workdir, '--config.train.num_steps=40')
   out = run.stdout + run.stderr
   assert run.returncode == 1, out[-5000:]
   assert 'None of the checkpoints under' in out, out

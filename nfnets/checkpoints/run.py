@@ -100,28 +100,55 @@ def _short(e: BaseException, limit: int = 400) -> str:
   return f'{type(e).__name__}: {text}'
 
 
-def _is_closed_loop_noise(unraisable) -> bool:
+def _is_restore_leftover(unraisable) -> bool:
+  """An orbax read coroutine of a failed restore, or its late callback."""
   exc = unraisable.exc_value
-  return isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+  if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+    return True
+  code = getattr(unraisable.object, 'cr_code', None)
+  return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
 
 
-def _silence_closed_loop_noise() -> None:
-  """After a failed orbax restore, tensorstore reads still in flight call
-  back into orbax's already closed asyncio loop; Python prints each as an
-  'Exception ignored ... Event loop is closed' traceback. Those (and only
-  those) are logged at DEBUG instead. Installed once, process-wide."""
+def _silence_restore_leftovers() -> None:
+  """After a failed orbax restore, its other array reads fail too, and
+  Python prints each, when the coroutine is collected or calls back into
+  orbax's closed asyncio loop, as an 'Exception ignored in ...' traceback
+  (thousands of lines for a model). Those (and only those: orbax coroutines,
+  'Event loop is closed') are logged at DEBUG instead. Installed once,
+  process-wide, and only once a restore has failed."""
   import sys  # pylint: disable=g-import-not-at-top
   previous = sys.unraisablehook
   if getattr(previous, '_nfnets_filter', False):
     return
 
   def hook(unraisable):
-    if _is_closed_loop_noise(unraisable):
+    if _is_restore_leftover(unraisable):
       log.debug('Ignored after a failed restore: %s', unraisable.exc_value)
       return
     previous(unraisable)
   hook._nfnets_filter = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
+  # The same reads, when their task is collected: asyncio logs 'Task
+  # exception was never retrieved' with the full traceback, and Python warns
+  # that the coroutine was never awaited.
+  logging.getLogger('asyncio').addFilter(_OrbaxTaskFilter())
+  import warnings  # pylint: disable=g-import-not-at-top
+  warnings.filterwarnings(
+      'ignore', message=r"coroutine '_read_array_index_and_device_put' was "
+      'never awaited', category=RuntimeWarning)
+
+
+class _OrbaxTaskFilter(logging.Filter):
+  """Drops asyncio's 'never retrieved' reports of orbax / tensorstore reads
+  (installed only after a restore failed)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    if 'never retrieved' in msg and (f'{os.sep}orbax{os.sep}' in msg or
+                                     'OCDBT' in msg or 'TensorStore' in msg):
+      log.debug('Ignored after a failed restore: %s', msg.splitlines()[0])
+      return False
+    return True
 
 
 def _all_processes_agree(ok: bool) -> bool:
@@ -257,7 +284,7 @@ class RunCheckpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(restore_target)))['state']
     except Exception as e:  # pylint: disable=broad-except
-      _silence_closed_loop_noise()
+      _silence_restore_leftovers()
       log.debug('Restoring %s/state failed', where, exc_info=e)
       return None, _short(e)
     return restored, None
