@@ -25,6 +25,9 @@ from nfnets.checkpoints.released import (CLASSIFIER, NPZ_FORMAT, ModuleMatcher,
                                          save_orbax, ORBAX_FORMAT,
                                          summarize, trainable_mask, unflatten,
                                          validate_params)
+from nfnets.checkpoints.release_files import (RELEASED_MD5, ReleaseCheck,
+                                              ReleaseChecksumWarning,
+                                              check_file, file_md5)
 from nfnets.checkpoints.safe_pickle import (RestrictedUnpickler,
                                             allowed_globals, safe_load,
                                             safe_loads)

@@ -477,7 +477,8 @@ def validate_params(params: Mapping[str, Mapping[str, Any]], variant: str,
 def load_pretrained(path: str, variant: Optional[str] = None,
                     num_classes: Optional[int] = None, *, which: str = 'ema',
                     model_kwargs: Optional[Mapping[str, Any]] = None,
-                    validate: bool = True) -> Params:
+                    validate: bool = True, check_release: bool = True
+                    ) -> Params:
   """Loads released or own NFNet weights safely and checks them.
 
   Args:
@@ -491,14 +492,22 @@ def load_pretrained(path: str, variant: Optional[str] = None,
     model_kwargs: constructor overrides of the model the file was trained
       with (e.g. width=0.5), if not the variant's defaults.
     validate: check paths, names, shapes and dtypes (default True).
+    check_release: compare a file's MD5 with the released files (below).
   Returns:
     {module_path: {param_name: np.ndarray}}, the Haiku params tree.
   Raises:
     UnsafeCheckpointError: a pickle names a global that is not allowed.
     TruncatedCheckpointError: truncated / corrupt / not a checkpoint.
     VariantMismatchError, ParamMismatchError: see `validate_params`.
+
+  A file's MD5 is compared with DeepMind's released files
+  (`release_files.check_file`): a match is logged (INFO); a file named
+  F<k>_haiku.npz with another digest gets one `ReleaseChecksumWarning`.
   """
   path = os.fspath(path)
+  if check_release and os.path.isfile(path):
+    from nfnets.checkpoints import release_files  # pylint: disable=g-import-not-at-top
+    release_files.check_file(path)  # MD5 vs the release; warns on mismatch
   params = read_params(path, which)
   if variant is None:
     variant = infer_variant(params)
