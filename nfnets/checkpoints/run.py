@@ -320,10 +320,6 @@ class RunCheckpointer:
       self.manager.close()
 
 
-# Kept for older call sites; the name says what it is.
-Checkpointer = RunCheckpointer
-
-
 def _like(target, restored: Mapping[str, Any]):
   """Returns `restored` (a mapping) as the type of `target`."""
   if isinstance(restored, (list, tuple)):  # very old: saved as a sequence
