@@ -137,8 +137,9 @@ def base_config(variant: str = 'F0') -> ml_collections.ConfigDict:
   # Micro-batches per step: each device's batch is split in k, gradients
   # averaged, then one AGC / weight decay / momentum / EMA update.
   c.train.grad_accum_steps = 1
-  # Python logging level; 'warning' hides libraries' INFO lines (ours are
-  # printed by the loop's own console output).
+  # Console: the lowest level of *library* messages shown (orbax, tfds,
+  # TensorFlow, jax): 'debug' | 'info' | 'warning' | 'error'. Our own
+  # progress lines are always shown. 'warning' hides library INFO chatter.
   c.train.log_level = 'warning'
 
   c.parallel = ml_collections.ConfigDict()

@@ -54,9 +54,15 @@ def main(argv=None) -> int:
   model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
   if model_kwargs and 'depth' in model_kwargs:
     model_kwargs['depth'] = tuple(model_kwargs['depth'])
+  if os.path.isfile(args.input):
+    # MD5 vs DeepMind's released files; warns if named F<k>_haiku.npz but
+    # the digest differs.
+    check = C.check_file(args.input)
+    print(f'{args.input}: {check.describe()}')
   try:
     params = C.load_pretrained(args.input, args.variant, args.num_classes,
-                               which=args.which, model_kwargs=model_kwargs)
+                               which=args.which, model_kwargs=model_kwargs,
+                               check_release=False)
   except C.CheckpointError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -225,13 +225,13 @@ def test_init_from_checkpoint(tiny):
 def test_own_training_checkpoint_ema_and_raw(tiny, tmp_path):
   """Reads the training loop's orbax checkpoints (workdir, checkpoints/ dir
   or step dir), raw or EMA params, and validates them."""
-  checkpointing = pytest.importorskip('nfnets.training.checkpointing')
+  from nfnets.checkpoints import run  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from nfnets.training import state as state_lib  # pylint: disable=g-import-not-at-top
   src, _ = tiny
   ema = jax.tree.map(lambda v: v * 0.5, src)
   state = state_lib.create(src, optax.sgd(0.1))._replace(ema_params=ema)
-  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  ckpt = run.RunCheckpointer(str(tmp_path), async_save=False)
   ckpt.save(7, state, {'model': 'F0', 'num_classes': 1000})
   ckpt.close()
   for path in (tmp_path, tmp_path / 'checkpoints', tmp_path / 'checkpoints/7'):

@@ -14,7 +14,7 @@ import pytest
 
 import nfnets.models as M
 from nfnets import config as config_lib
-from nfnets.training import checkpointing
+from nfnets.checkpoints import run as checkpointing
 from nfnets.training.loop import train_and_evaluate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -52,3 +52,25 @@ class VariantMismatchError(ParamMismatchError):
     super().__init__(message, **kwargs)
     self.requested = requested
     self.detected = detected
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A run checkpoint was written for another model or config (different
+  model name, number of classes or parameter shapes)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """No run checkpoint under a directory could be read completely.
+
+  Attributes:
+    directory: the checkpoints directory; steps: the steps that were tried.
+  """
+
+  def __init__(self, message: str, directory: str = '', steps=()):
+    super().__init__(message)
+    self.directory = directory
+    self.steps = list(steps)
+
+
+class CheckpointSaveError(CheckpointError):
+  """Writing a run checkpoint failed (disk full, permissions, ...)."""

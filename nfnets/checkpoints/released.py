@@ -17,7 +17,7 @@ not the file name):
     convert_checkpoint.py --format orbax: DIR/params (orbax
     StandardCheckpointer) + DIR/nfnets_checkpoint.json.
   * Our own training checkpoints (a workdir, its checkpoints/ dir or one step
-    dir), via `nfnets.training.checkpointing.restore_params(path, which)`.
+    dir), via `nfnets.checkpoints.run.restore_params(path, which)`.
 
 Every loaded tree is checked against the model's parameter shapes
 (`nfnets.models.param_shapes`): module paths, names, shapes and dtypes, with
@@ -33,6 +33,7 @@ from typing import Any, Dict, Mapping, Optional, Pattern, Tuple, Union
 import numpy as np
 
 from nfnets.checkpoints import safe_pickle
+from nfnets.optim import masks
 from nfnets.checkpoints.errors import (CheckpointError, ParamMismatchError,
                                        TruncatedCheckpointError,
                                        UnsafeCheckpointError,
@@ -40,9 +41,30 @@ from nfnets.checkpoints.errors import (CheckpointError, ParamMismatchError,
 
 Params = Dict[str, Dict[str, np.ndarray]]
 
-# The classifier of every family ('NFNet/~/linear', 'NFResNet/~/linear',
-# 'NFRegNet/~/linear'); not the squeeze-excite linears inside blocks.
-CLASSIFIER = r'^(NFNet|NFResNet|NFRegNet)/~/linear$'
+
+
+class ModuleMatcher:
+  """The module-path view of a param-path regex: module `m` matches iff the
+  regex matches a parameter of it ('m/w'). Usable wherever a compiled regex
+  over module paths is (`.search`, `.match`, `.pattern`)."""
+
+  def __init__(self, param_regex: str):
+    self.pattern = param_regex
+    self._regex = re.compile(param_regex)
+
+  def search(self, module: str):
+    return self._regex.search(f'{module}/w')
+
+  match = search
+
+  def __repr__(self) -> str:
+    return f'ModuleMatcher({self.pattern!r})'
+
+
+# The classifier of every family (the root module's 'linear', e.g.
+# 'NFNet/~/linear'), not the squeeze-excite linears inside blocks: derived
+# from the one definition, nfnets.optim.masks.CLASSIFIER_REGEX.
+CLASSIFIER = ModuleMatcher(masks.CLASSIFIER_REGEX)
 NPZ_FORMAT = 'nfnets.haiku_params.v1'
 ORBAX_FORMAT = 'nfnets.haiku_params.orbax.v1'
 _ORBAX_META = 'nfnets_checkpoint.json'
@@ -229,15 +251,9 @@ def read_params(path: str, which: str = 'ema') -> Params:
   if os.path.isfile(os.path.join(path, _ORBAX_META)):
     return _read_orbax_params(path)
   if os.path.isdir(path):
+    from nfnets.checkpoints import run  # pylint: disable=g-import-not-at-top
     try:
-      from nfnets.training import checkpointing  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise CheckpointError(
-          f'{path} is a directory (an orbax checkpoint?), but reading those '
-          f'needs nfnets.training.checkpointing, which is unavailable: {e}'
-      ) from e
-    try:
-      tree = checkpointing.restore_params(path, which)
+      tree = run.restore_params(path, which)
     except FileNotFoundError:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -313,7 +329,7 @@ def summarize(params: Mapping[str, Mapping[str, Any]]) -> TreeSummary:
                        for v in d.values()))
   num_classes = None
   for module, sub in params.items():
-    if re.match(CLASSIFIER, module) and len(_shape(sub.get('w', 0))) == 2:
+    if CLASSIFIER.search(module) and len(_shape(sub.get('w', 0))) == 2:
       num_classes = int(_shape(sub['w'])[1])
   blocks = sorted(int(m.group(1) or 0) for m in map(_BLOCK_RE.match, params)
                   if m)
@@ -446,7 +462,7 @@ def validate_params(params: Mapping[str, Mapping[str, Any]], variant: str,
         detected=detected, **kw)
   problems = [p.split(_SEP)[0] for p in missing + unexpected + mismatched]
   if (summary.num_classes is not None and num_classes != summary.num_classes
-      and all(re.match(CLASSIFIER, p) for p in problems)):
+      and all(CLASSIFIER.search(p) for p in problems)):
     raise ParamMismatchError(
         f'{source}: the classifier has {summary.num_classes} classes but '
         f'{num_classes} were requested. To fine-tune on a new label set, load '
@@ -461,7 +477,8 @@ def validate_params(params: Mapping[str, Mapping[str, Any]], variant: str,
 def load_pretrained(path: str, variant: Optional[str] = None,
                     num_classes: Optional[int] = None, *, which: str = 'ema',
                     model_kwargs: Optional[Mapping[str, Any]] = None,
-                    validate: bool = True) -> Params:
+                    validate: bool = True, check_release: bool = True
+                    ) -> Params:
   """Loads released or own NFNet weights safely and checks them.
 
   Args:
@@ -475,14 +492,22 @@ def load_pretrained(path: str, variant: Optional[str] = None,
     model_kwargs: constructor overrides of the model the file was trained
       with (e.g. width=0.5), if not the variant's defaults.
     validate: check paths, names, shapes and dtypes (default True).
+    check_release: compare a file's MD5 with the released files (below).
   Returns:
     {module_path: {param_name: np.ndarray}}, the Haiku params tree.
   Raises:
     UnsafeCheckpointError: a pickle names a global that is not allowed.
     TruncatedCheckpointError: truncated / corrupt / not a checkpoint.
     VariantMismatchError, ParamMismatchError: see `validate_params`.
+
+  A file's MD5 is compared with DeepMind's released files
+  (`release_files.check_file`): a match is logged (INFO); a file named
+  F<k>_haiku.npz with another digest gets one `ReleaseChecksumWarning`.
   """
   path = os.fspath(path)
+  if check_release and os.path.isfile(path):
+    from nfnets.checkpoints import release_files  # pylint: disable=g-import-not-at-top
+    release_files.check_file(path)  # MD5 vs the release; warns on mismatch
   params = read_params(path, which)
   if variant is None:
     variant = infer_variant(params)
@@ -499,15 +524,17 @@ def load_pretrained(path: str, variant: Optional[str] = None,
 # Fine-tuning helpers.
 
 
-def _compile(reset) -> Optional[Pattern[str]]:
+def _compile(reset):
+  """None, or something with .search(module) (a regex or ModuleMatcher)."""
   if reset is None or reset is False:
     return None
-  return reset if isinstance(reset, re.Pattern) else re.compile(reset)
+  return reset if hasattr(reset, 'search') else re.compile(reset)
 
 
 def merge_into(init_params: Mapping[str, Mapping[str, Any]],
                loaded: Mapping[str, Mapping[str, Any]],
-               reset: Union[str, Pattern[str], None] = CLASSIFIER
+               reset: Union[str, Pattern[str], ModuleMatcher,
+                            None] = CLASSIFIER
                ) -> Dict[str, Dict[str, Any]]:
   """Takes `loaded` for every module except those matching `reset`.
 
@@ -550,7 +577,7 @@ def merge_into(init_params: Mapping[str, Mapping[str, Any]],
       if tuple(np.shape(value)) != tuple(np.shape(init)):
         hint = (' (the classifier: use reset=CLASSIFIER / '
                 'reset_classifier=True for a new number of classes)'
-                if re.match(CLASSIFIER, module) else '')
+                if CLASSIFIER.search(module) else '')
         mismatched.append(f'{key}: checkpoint has shape '
                           f'{tuple(np.shape(value))}, model expects '
                           f'{tuple(np.shape(init))}{hint}')
@@ -593,7 +620,8 @@ def init_from_checkpoint(init_params: Mapping[str, Mapping[str, Any]],
 
 
 def trainable_mask(params: Mapping[str, Mapping[str, Any]],
-                   trainable: Union[str, Pattern[str]] = CLASSIFIER
+                   trainable: Union[str, Pattern[str],
+                                    ModuleMatcher] = CLASSIFIER
                    ) -> Dict[str, Dict[str, bool]]:
   """{module: {param: bool}}: True where the module path matches `trainable`.
 

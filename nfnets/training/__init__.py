@@ -1,4 +1,6 @@
-"""Training: state, per-device steps, the pmap wrapper, checkpoints, the loop.
+"""Training: state, per-device steps, the pmap wrapper, the loop.
+
+Run checkpoints live in nfnets.checkpoints (RunCheckpointer).
 
 The loop (and with it TensorFlow, which feeds the input pipeline) is imported
 lazily, so `nfnets.training.step` and friends load without TensorFlow.
@@ -11,9 +13,6 @@ from nfnets.training.step import make_eval_step, make_train_step
 _LAZY = {
     'train_and_evaluate': 'nfnets.training.loop',
     'NonFiniteError': 'nfnets.training.loop',
-    'Checkpointer': 'nfnets.training.checkpointing',
-    'CheckpointMismatchError': 'nfnets.training.checkpointing',
-    'restore_params': 'nfnets.training.checkpointing',
 }
 
 

@@ -13,12 +13,12 @@ import optax
 from nfnets import config as config_lib
 from nfnets import data
 from nfnets import models
+from nfnets.checkpoints.run import RunCheckpointer
 from nfnets import optim
 from nfnets.training import hardware
 from nfnets.training import parallel
 from nfnets.training import state as state_lib
 from nfnets.training import step as step_lib
-from nfnets.training.checkpointing import Checkpointer
 from nfnets.training.logger import MetricWriter, format_duration
 
 
@@ -149,8 +149,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   init_rng, step_rng = jax.random.split(rng)
   state = state_lib.create(_init_params(config, forward, init_rng), tx)
   meta = {'model': config.model.name, 'num_classes': config.model.num_classes}
-  ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints,
-                      async_save=config.train.async_checkpointing)
+  ckpt = RunCheckpointer(workdir, max_to_keep=config.train.keep_checkpoints,
+                         async_save=config.train.async_checkpointing)
   start_step = 0
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state, meta)

@@ -26,7 +26,8 @@ def _device_mean(tree):
 
 def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
                     *, compute_dtype=jnp.float32, ema_decay: float = 0.99999,
-                    sam_rho: float = 0.0) -> Callable:
+                    sam_rho: float = 0.0, grad_accum_steps: int = 1
+                    ) -> Callable:
   """Returns train_step(state, batch, rng) -> (state, metrics).
 
   Args:
@@ -34,7 +35,15 @@ def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
     tx: the optimizer (gets gradients averaged over AXIS, and params).
     compute_dtype: dtype of the forward/backward pass (params stay float32).
     ema_decay: max EMA decay (0 disables the EMA update).
-    sam_rho: SAM radius (0 = plain gradients).
+    sam_rho: SAM radius (0 = plain gradients; with accumulation, each
+      micro-batch is perturbed by its own gradient).
+    grad_accum_steps: k > 1 splits the per-device batch into k equal
+      micro-batches run one after another (lax.scan; activations of one
+      micro-batch at a time), sums their float32 gradients and divides by
+      k. The optimizer (AGC, weight decay, momentum) and the EMA then act
+      once, on the accumulated gradient -- clipping each micro-batch would
+      be a different update. No buffer outlives the step. The micro-batch
+      index is folded into the rng; loss and top1 are micro-batch means.
 
   batch: 'images' [B, H, W, C]; 'labels' [B, num_classes] soft targets
   (one-hot, smoothed and/or mixed). A step whose loss or gradients are not
@@ -53,19 +62,60 @@ def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
     loss = jnp.mean(optax.softmax_cross_entropy(logits, labels))
     return loss, logits
 
+  if int(grad_accum_steps) != grad_accum_steps or grad_accum_steps < 1:
+    raise ValueError('grad_accum_steps must be a positive integer, got '
+                     f'{grad_accum_steps!r}.')
+  k = int(grad_accum_steps)
+
+  def micro_step(params, images, labels, rng):
+    """(loss, top1, grads) of one (micro-)batch on this device."""
+    if sam_rho > 0:
+      (loss, logits), grads = optim.sam_gradients(
+          loss_fn, params, sam_rho, images, labels, rng,
+          axis_name=AXIS, has_aux=True)
+    else:
+      (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, images, labels, rng)
+    top1 = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
+    return loss, top1.astype(jnp.float32), grads
+
+  def accumulate(params, images, labels, rng):
+    """Mean loss, top1 and float32 gradients over k micro-batches."""
+    batch = images.shape[0]
+    if batch % k:
+      raise ValueError(
+          f'The per-device batch ({batch} examples) is not divisible by '
+          f'grad_accum_steps={k}. Choose train.batch_size so that batch_size '
+          f'/ devices is a multiple of {k}, or change grad_accum_steps.')
+    split = lambda x: x.reshape((k, batch // k) + x.shape[1:])
+
+    def body(carry, xs):
+      loss_sum, top1_sum, grad_sum = carry
+      i, images_i, labels_i = xs
+      loss, top1, grads = micro_step(params, images_i, labels_i,
+                                     jax.random.fold_in(rng, i))
+      grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32),
+                              grad_sum, grads)
+      return (loss_sum + loss.astype(jnp.float32), top1_sum + top1,
+              grad_sum), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+    (loss, top1, grads), _ = jax.lax.scan(
+        body, init, (jnp.arange(k), split(images), split(labels)))
+    grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
+    return loss / k, top1 / k, grads
+
   def train_step(state: TrainState, batch: Dict[str, jax.Array],
                  rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
     images = batch['images'].astype(compute_dtype)
     labels = batch['labels'].astype(jnp.float32)
-    if sam_rho > 0:
-      (loss, logits), grads = optim.sam_gradients(
-          loss_fn, state.params, sam_rho, images, labels, rng,
-          axis_name=AXIS, has_aux=True)
+    if k == 1:
+      loss, top1, grads = micro_step(state.params, images, labels, rng)
     else:
-      (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state.params, images, labels, rng)
+      loss, top1, grads = accumulate(state.params, images, labels, rng)
     grads = _device_mean(grads)
     loss = _device_mean(loss)
     grad_sq = optax.tree.norm(grads, squared=True)
@@ -88,10 +138,9 @@ def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
         params=params, opt_state=opt_state, ema_params=ema_params,
         step=state.step + 1,
         nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32))
-    top1 = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
     metrics = {
         'loss': loss,
-        'top1': _device_mean(top1.astype(jnp.float32)),
+        'top1': _device_mean(top1),
         'grad_norm': jnp.sqrt(grad_sq),
         'param_norm': optax.tree.norm(params),
         'skipped': 1.0 - finite.astype(jnp.float32),
