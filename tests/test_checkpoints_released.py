@@ -10,6 +10,7 @@ import pytest
 
 import nfnets.checkpoints as C
 import nfnets.models as M
+import release_trees
 
 TINY = dict(width=0.125, depth=(1, 1, 1, 1), group_size=16)
 
@@ -68,7 +69,7 @@ def test_released_f0_loads_bit_for_bit(f0):
   assert all(type(v) is np.ndarray for d in loaded.values() for v in d.values())
   # 'native' grouped convs compile ~5x faster on CPU than 'split'; same
   # parameter tree and maths.
-  fwd = M.forward_fn('F0', 1000, group_conv_impl='native')
+  fwd = M.forward_fn('F0', 1000, conv_lowering='xla')
   apply = jax.jit(lambda p, x: fwd.apply(p, None, x, False)['logits'])
   x = jnp.asarray(np.random.default_rng(0).standard_normal(
       (1, 32, 32, 3), dtype=np.float32))
@@ -242,3 +243,22 @@ def test_own_training_checkpoint_ema_and_raw(tiny, tmp_path):
   with pytest.raises(C.ParamMismatchError,
                      match=r'the file has .*blocks per stage \(1, 1, 1, 1\)'):
     C.load_pretrained(str(tmp_path), 'F0')  # default F0 != the tiny model
+
+
+@pytest.mark.parametrize('name,family_tree', [
+    ('nf_regnet_b0', lambda: release_trees.regnet_tree(
+        (48, 104, 208, 440), (1, 3, 6, 6), 17)),
+    ('nf_resnet50', lambda: release_trees.resnet_tree((3, 4, 6, 3), False, 17)),
+])
+def test_deepmind_named_nf_regnet_and_nf_resnet_trees_load(
+    tmp_path, name, family_tree):
+  """A params file in DeepMind's naming for these families (the tree built
+  from the release's module names and arithmetic, independently of our
+  models) loads without renaming, with the variant inferred."""
+  rng = np.random.default_rng(3)
+  src = {m: {n: rng.standard_normal(s).astype(np.float32) * 0.1
+             for n, s in sub.items()} for m, sub in family_tree().items()}
+  path = write_released(src, tmp_path / f'{name}.npz')
+  assert C.infer_variant(src) == name
+  loaded = C.load_pretrained(path)
+  assert_trees_equal(src, loaded)

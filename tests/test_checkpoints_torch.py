@@ -107,7 +107,7 @@ def test_bad_state_dicts_fail_clearly(f0):
   with pytest.raises(C.CheckpointError, match='without a Haiku counterpart'):
     C.from_torch_layout(extra)
   with pytest.raises(C.CheckpointError, match='no timm name'):
-    C.to_torch_layout({'NFResNet/~/linear': {'w': np.zeros((2, 2))}})
+    C.to_torch_layout({'NF_ResNet/~/linear': {'w': np.zeros((2, 2))}})
 
 
 def test_pt_export_when_torch_available(tmp_path):
@@ -167,7 +167,7 @@ def test_matches_real_timm_dm_nfnet_f0(tmp_path):
       params[m][n] = v * 0.3 + 1 if n == 'gain' else v * (
           0.3 if n == 'skip_gain' else 0.1)
   x = rng.standard_normal((1, 32, 32, 3), dtype=np.float32)
-  fwd = M.forward_fn('F0', 1000, group_conv_impl='native')
+  fwd = M.forward_fn('F0', 1000, conv_lowering='xla')
   want = np.asarray(jax.jit(
       lambda p, x: fwd.apply(p, None, x, False)['logits'])(params, x))
   npz = C.save_torch_npz(params, str(tmp_path / 'f0_torch.npz'))

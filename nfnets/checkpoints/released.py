@@ -360,7 +360,7 @@ def infer_variant(params: Mapping[str, Mapping[str, Any]]) -> Optional[str]:
           and tuple(spec.width) == summary.widths):
         return name
     return None
-  family = {'NFResNet': 'nf_resnet', 'NFRegNet': 'nf_regnet'}.get(summary.top)
+  family = {'NF_ResNet': 'nf_resnet', 'NF_RegNet': 'nf_regnet'}.get(summary.top)
   if family is None or summary.num_classes is None:
     return None
   for name in M.variants():

@@ -38,7 +38,7 @@ import jax
 PyTree = Any
 
 # The top-level (root) module named exactly 'linear', as a Haiku module path:
-# 'NFNet/~/linear', 'NFResNet/~/linear', 'NFRegNet/~/linear' (and
+# 'NFNet/~/linear', 'NF_ResNet/~/linear', 'NF_RegNet/~/linear' (and
 # 'NFNet/linear', Haiku's name when the layer is created inside __call__
 # rather than __init__); 'NFNet/~/nf_block/~/squeeze_excite/~/linear' and
 # 'NFNet/~/linear_1' do not match.
