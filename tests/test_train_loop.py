@@ -76,7 +76,8 @@ def test_train_eval_logs_and_mismatch(tmp_path):
   train = [r for r in records if 'train/loss' in r]
   evals = [r for r in records if 'eval/top1' in r]
   assert [r['step'] for r in train] == [2, 4]
-  for key in ('train/loss', 'train/top1', 'lr', 'throughput'):
+  for key in ('train/loss', 'train/top1', 'train/lr', 'train/throughput',
+              'train/grad_norm'):
     assert all(np.isfinite(r[key]) for r in train), key
   assert evals and {'eval/top5', 'eval_ema/top1'} <= set(evals[-1])
   assert json.load(open(os.path.join(workdir, 'config.json')))['model'][

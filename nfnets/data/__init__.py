@@ -4,7 +4,6 @@ Public API (see nfnets/data/pipeline.py for the guarantees):
   create_train_iterator(data_config, *, global_batch_size, seed, start_step=0)
   create_eval_iterator(data_config, *, global_batch_size)
   num_examples(data_config, split)
-  prefetch_to_device(iterator, size=2, devices=None)
   DatasetNotPreparedError
 """
 from nfnets.data import digits
@@ -21,7 +20,6 @@ from nfnets.data.pipeline import (
     create_train_iterator,
     get_source,
     num_examples,
-    prefetch_to_device,
 )
 from nfnets.data.preprocess import (
     MEAN_RGB,
@@ -42,6 +40,6 @@ __all__ = [
     'create_train_iterator', 'cutmix', 'decode_and_inception_crop',
     'decode_eval_jpeg', 'digits', 'eval_image_resize_crop', 'get_source', 'mix',
     'mixup', 'mixup_cutmix', 'normalize', 'num_examples', 'one_hot_smoothed',
-    'parse_randaug', 'prefetch_to_device', 'preprocess', 'rand_augment',
+    'parse_randaug', 'preprocess', 'rand_augment',
     'randaugment', 'train_image_from_crop',
 ]

@@ -528,7 +528,6 @@ def build_train_dataset(data_config, *, global_batch_size: int, seed: int,
   mixup_alpha = float(_get(data_config, 'mixup_alpha', 0.0))
   use_cutmix = bool(_get(data_config, 'cutmix', False))
   out_dtype = _tf_dtype(data_config)
-  d, b = layout.local_device_count, layout.per_device_batch
 
   mixing = bool(mixup_alpha or use_cutmix)
   mix_and_normalize = _mix_and_normalize_fn(
@@ -545,13 +544,9 @@ def build_train_dataset(data_config, *, global_batch_size: int, seed: int,
     else:
       params = {'lam': tf.ones([n]), 'box': tf.zeros([n, 4], tf.int32)}
     images, labels = mix_and_normalize(images, labels, params['lam'], params['box'])
-    out = {
-        'images': tf.reshape(images, [d, b, image_size, image_size, 3]),
-        'labels': tf.reshape(labels, [d, b, num_classes]),
-        'pos': tf.reshape(batch['pos'], [d, b]),
-    }
+    out = {'images': images, 'labels': labels, 'pos': batch['pos']}
     if with_ids:
-      out['ids'] = tf.reshape(batch['id'], [d, b])
+      out['ids'] = batch['id']
     return out
 
   ds = ds.map(finalize, num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -646,7 +641,6 @@ def create_eval_iterator(data_config, *, global_batch_size: int,
   max_host = -(-total // layout.process_count)
   num_batches = -(-max_host // layout.per_host_batch)
   out_dtype = _tf_dtype(data_config)
-  d, b = layout.local_device_count, layout.per_device_batch
 
   @_no_autograph
   def decode(ex):
@@ -676,13 +670,10 @@ def create_eval_iterator(data_config, *, global_batch_size: int,
 
   @_no_autograph
   def reshape(batch):
-    out = {
-        'images': tf.cast(tf.reshape(batch['images'], [d, b, image_size, image_size, 3]), out_dtype),
-        'labels': tf.reshape(batch['labels'], [d, b]),
-        'mask': tf.reshape(batch['mask'], [d, b]),
-    }
+    out = {'images': tf.cast(batch['images'], out_dtype),
+           'labels': batch['labels'], 'mask': batch['mask']}
     if with_ids:
-      out['ids'] = tf.reshape(batch['ids'], [d, b])
+      out['ids'] = batch['ids']
     return out
 
   ds = ds.map(reshape, num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -710,31 +701,3 @@ class _EvalIterator:
     if real < self._n_host:
       logging.warning('Eval split %s: skipped %d undecodable image(s) of %d on '
                       'this host.', self._split, self._n_host - real, self._n_host)
-
-
-# ---------------------------------------------------------------------------
-# Device prefetch.
-def prefetch_to_device(iterator, size: int = 2, devices=None) -> Iterator[Any]:
-  """Moves batches [D, ...] onto the D local devices ahead of time.
-
-  Each leaf becomes a jax.Array sharded along its leading axis over `devices`
-  (default jax.local_devices()), the layout pmap uses for its inputs and
-  outputs, so a pmapped step consumes it without another copy. `size` batches
-  are in flight (device_put is asynchronous), overlapping the host pipeline
-  and the transfer with the step.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  devices = list(devices) if devices is not None else jax.local_devices()
-  sharding = NamedSharding(Mesh(np.asarray(devices), ('batch',)), PartitionSpec('batch'))
-  queue = collections.deque()
-  iterator = iter(iterator)
-
-  def enqueue(n):
-    for batch in itertools.islice(iterator, n):
-      queue.append(jax.tree.map(lambda x: jax.device_put(x, sharding), batch))
-
-  enqueue(size)
-  while queue:
-    yield queue.popleft()
-    enqueue(1)
