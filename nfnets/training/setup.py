@@ -93,13 +93,16 @@ def init_params(config, forward: hk.Transformed, rng: jax.Array):
   return params
 
 
-def build(config, *, num_train_examples: Optional[int] = None) -> Setup:
+def build(config, *, num_train_examples: Optional[int] = None,
+          abstract: bool = False) -> Setup:
   """Model, optimizer, schedule, initial state and steps of a config.
 
   Args:
     config: an experiment config (nfnets.config.base_config).
     num_train_examples: size of config.data.train_split; default: asked
       from the data pipeline (which imports TensorFlow).
+    abstract: state as jax.ShapeDtypeStructs (no initialisation, no
+      fine-tuning checkpoint read), e.g. to compile for memory analysis.
   """
   compute_dtype = resolve_compute_dtype(config.model.compute_dtype)
   model_kwargs = dict(config.model.kwargs)
@@ -122,7 +125,13 @@ def build(config, *, num_train_examples: Optional[int] = None) -> Setup:
     tx = _freeze_body(tx, config.optim.classifier_regex)
 
   init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  state = state_lib.create(init_params(config, forward, init_rng), tx)
+  if abstract:
+    size = config.data.image_size
+    dummy = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    state = jax.eval_shape(lambda r, x: state_lib.create(
+        forward.init(r, x, True), tx), init_rng, dummy)
+  else:
+    state = state_lib.create(init_params(config, forward, init_rng), tx)
   macs = models.count_flops(config.model.name, config.data.image_size,
                             config.model.num_classes, **model_kwargs)
   return Setup(
