@@ -115,6 +115,9 @@ class Pmap(DataParallel):
   def __init__(self, devices=None):
     self.devices = list(devices) if devices is not None else jax.local_devices()
     self._sharding = local_sharding(self.devices)
+    # None: pmap over the devices of ALL hosts (collectives span hosts);
+    # an explicit list restricts a single-host run.
+    self._pmap_devices = list(devices) if devices is not None else None
 
   def put_state(self, tree):
     n = len(self.devices)
@@ -137,11 +140,11 @@ class Pmap(DataParallel):
     # The state is donated; the root rng is broadcast: the step folds in the
     # step number and the device index itself.
     return jax.pmap(fn, axis_name=AXIS, in_axes=(0, 0, None),
-                    donate_argnums=(0,), devices=self.devices)
+                    donate_argnums=(0,), devices=self._pmap_devices)
 
   def eval_step(self, fn):
     return jax.pmap(lambda p, b: jax.lax.psum(fn(p, b), AXIS), axis_name=AXIS,
-                    devices=self.devices)
+                    devices=self._pmap_devices)
 
   def abstract_state(self, tree):
     n = len(self.devices)
