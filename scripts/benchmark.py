@@ -1,8 +1,10 @@
 """Speed and memory benchmark of the nfnets training step.
 
-Compiles and times the real pmap'd training step (nfnets.training: forward,
-loss, backward, cross-device pmean, AGC, weight decay, Nesterov SGD, EMA) on
-fake device-resident data, after warm-up, and reports:
+Compiles and times the real training step (nfnets.training: forward, loss,
+backward, cross-device pmean, AGC, weight decay, Nesterov SGD, EMA), built by
+the training loop's `build(config)` and wrapped by its device seam
+(--backend pmap | jit, --fsdp), on fake device-resident data, after warm-up,
+and reports:
 
   img/s and step time (median of several timed windows), compile time, peak
   device memory, model FLOPs per image, achieved TFLOP/s and MFU.
@@ -10,6 +12,8 @@ fake device-resident data, after warm-up, and reports:
   python scripts/benchmark.py --model F0 --batch_size 8 --image_size 192 \
       --dtype f32 --compare_timm
   python scripts/benchmark.py --model F0 --batch_size 256 --dtype bf16   # GPU
+  python scripts/benchmark.py --model F7 --image_size 608 --devices 8 \
+      --batch_size 8 --backend jit --fsdp --compile_only   # memory only
 
 Definitions
   * fwd FLOPs/image = 2 x the forward multiply-adds of every conv and dense
@@ -28,6 +32,8 @@ Definitions
     from compiled.memory_analysis(): arguments + outputs + temporaries -
     aliased (donated) bytes, per device. On CPU only the estimate exists.
   * --batch_size is the global batch, split over --devices.
+  * state / device: bytes of params + optimizer state + EMA on one device
+    (replicated: all of it; --fsdp: about 1/devices of it).
 
 Output: a table on stderr and one JSON line per run on stdout (and appended
 to --json_out). --compare_timm also runs scripts/bench_timm.py with the
@@ -35,7 +41,6 @@ optional torch venv (.venv-torch, see scripts/setup_torch_env.sh) with the
 same batch, resolution and threads, and prints ours/timm step time.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -61,7 +66,15 @@ def parse_args(argv=None):
   p.add_argument('--dtype', choices=['bf16', 'f32'], default='f32',
                  help='compute dtype (images; params stay float32)')
   p.add_argument('--devices', type=int, default=1,
-                 help='devices to pmap over (on CPU, fake host devices)')
+                 help='devices to run on (on CPU, fake host devices)')
+  p.add_argument('--backend', choices=['pmap', 'jit'], default='pmap',
+                 help='device layout (config.parallel.backend)')
+  p.add_argument('--fsdp', action='store_true',
+                 help='jit only: shard params, optimizer state and EMA')
+  p.add_argument('--compile_only', action='store_true',
+                 help='lower and compile with abstract inputs (nothing '
+                 'allocated), report XLA\'s memory analysis and the state '
+                 'bytes per device; no timing')
   p.add_argument('--steps', type=int, default=5, help='timed steps')
   p.add_argument('--warmup', type=int, default=2,
                  help='untimed steps after compilation')
@@ -86,8 +99,9 @@ def parse_args(argv=None):
   p.add_argument('--width', type=float, default=None)
   p.add_argument('--depth', default=None, help='e.g. 1,1,1,1')
   p.add_argument('--group_size', type=int, default=None)
-  p.add_argument('--group_conv_impl', choices=['native', 'split'],
-                 default=None, help='default: backend default')
+  p.add_argument('--conv_lowering', choices=['xla', 'cpu'],
+                 default=None, help='how convolutions are lowered '
+                 '(nfnets.models.cpu_conv); default: the backend\'s')
   p.add_argument('--remat', action='store_true',
                  help='hk.remat per block (if the model supports it)')
   p.add_argument('--profile_steps', type=int, default=0,
@@ -143,52 +157,62 @@ def model_overrides(args):
     o['depth'] = tuple(int(d) for d in args.depth.split(','))
   if args.group_size is not None:
     o['group_size'] = args.group_size
-  if args.group_conv_impl is not None:
-    o['group_conv_impl'] = args.group_conv_impl
+  if args.conv_lowering is not None:
+    o['conv_lowering'] = args.conv_lowering
   if args.remat:
     o['remat'] = True
   return o
 
 
-def _import_training():
-  """(step, parallel, state) modules of nfnets.training (none of them needs
-  TensorFlow; the package imports its loop lazily)."""
-  from nfnets.training import parallel, state, step
-  return step, parallel, state
+def make_config(args, image_size):
+  """The experiment config of this benchmark (nfnets.config.base_config with
+  the command line's model, batch, resolution, dtype and backend)."""
+  from nfnets import config as config_lib
+  config = config_lib.base_config(args.model)
+  config.model.num_classes = args.num_classes
+  config.model.kwargs.update(model_overrides(args))
+  config.model.compute_dtype = 'bfloat16' if args.dtype == 'bf16' else 'float32'
+  config.data.image_size = image_size
+  config.train.batch_size = args.batch_size
+  config.train.num_steps = 10_000
+  config.parallel.backend = args.backend
+  config.parallel.fsdp = args.fsdp
+  return config
 
 
-def build_step(args, forward, per_device_batch, image_size, dtype):
-  """Returns (pmapped_step, state (replicated), batch, rng, impl_name)."""
-  import jax
-  import jax.numpy as jnp
+def state_bytes_per_device(abstract_state):
+  """Bytes of the train state on one device, from the state's shardings."""
   import numpy as np
-  from nfnets import optim
+  return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                 for x in __import__('jax').tree.leaves(abstract_state)))
 
-  devices = jax.local_devices()[:args.devices]
-  optim_cfg = optim.default_optim_config()
-  tx, _ = optim.make_optimizer(optim_cfg, batch_size=args.batch_size,
-                               steps_per_epoch=100, total_steps=10000)
-  x = jnp.zeros((per_device_batch, image_size, image_size, 3), dtype)
-  params = jax.jit(lambda k, x: forward.init(k, x, is_training=True))(
-      jax.random.PRNGKey(0), x)
 
-  tstep, tparallel, tstate = _import_training()
-  train_step = tstep.make_train_step(
-      forward, tx, compute_dtype=dtype, ema_decay=optim_cfg.ema_decay)
-  pmapped = tparallel.pmap_train_step(train_step, devices=devices)
-  state = tparallel.replicate(tstate.create(params, tx), devices)
-  rng = jax.random.PRNGKey(1)  # broadcast (in_axes None) by the wrapper
-  impl = 'nfnets.training'
-
+def build_step(args, image_size):
+  """(setup, dp, step, state, batch) of nfnets.training: the loop's build()
+  and device seam. With --compile_only, state and batch are abstract
+  (jax.ShapeDtypeStruct), nothing is allocated."""
+  import jax
+  import numpy as np
+  from nfnets.training import parallel, setup
+  config = make_config(args, image_size)
+  dp = parallel.make(config.parallel,
+                     devices=jax.local_devices()[:args.devices])
+  # 100 steps/epoch, 10k steps: the schedule's values do not affect speed.
+  run = setup.build(config, num_train_examples=100 * args.batch_size,
+                    abstract=args.compile_only)
+  step = dp.train_step(run.train_step)
   rng_np = np.random.RandomState(0)
-  images = rng_np.standard_normal(
-      (len(devices), per_device_batch, image_size, image_size, 3)).astype(
-          np.float32)
+  shape = (args.batch_size, image_size, image_size, 3)
+  if args.compile_only:
+    batch = {'images': jax.ShapeDtypeStruct(shape, run.compute_dtype),
+             'labels': jax.ShapeDtypeStruct((args.batch_size,
+                                             args.num_classes), np.float32)}
+    return run, dp, step, dp.abstract_state(run.state), dp.abstract_batch(batch)
+  images = rng_np.standard_normal(shape).astype(np.float32)
   labels = np.eye(args.num_classes, dtype=np.float32)[
-      rng_np.randint(0, args.num_classes, (len(devices), per_device_batch))]
-  batch = {'images': jnp.asarray(images, dtype), 'labels': labels}
-  batch = jax.device_put(batch, tparallel.local_sharding(devices))
-  return pmapped, state, batch, rng, impl
+      rng_np.randint(0, args.num_classes, args.batch_size)]
+  batch = {'images': images.astype(run.compute_dtype), 'labels': labels}
+  return run, dp, step, dp.put_state(run.state), dp.put_batch_now(batch)
 
 
 def memory_report(compiled, device):
@@ -317,7 +341,6 @@ def main(argv=None):
   threads = len(os.sched_getaffinity(0))
 
   import jax
-  import jax.numpy as jnp
   import nfnets.models as M
 
   if args.batch_size % args.devices:
@@ -327,31 +350,42 @@ def main(argv=None):
     raise SystemExit(f'asked for {args.devices} devices, jax sees '
                      f'{len(jax.local_devices())}')
   per_device_batch = args.batch_size // args.devices
-  spec = M.get_variant(args.model)
-  image_size = args.image_size or spec.train_size
-  dtype = jnp.bfloat16 if args.dtype == 'bf16' else jnp.float32
+  image_size = args.image_size or M.get_variant(args.model).train_size
   overrides = model_overrides(args)
-  forward = M.forward_fn(args.model, num_classes=args.num_classes,
-                         **overrides)
-  count_overrides = {k: v for k, v in overrides.items()
-                     if k not in ('remat', 'group_conv_impl')}
-  # The model's FLOPs, independent of how the convs are lowered (the CPU
-  # lowering adds small products for the weight standardisation).
-  ref = getattr(M.layers, 'reference_lowering', contextlib.nullcontext)
-  with ref():
-    macs = M.count_flops(args.model, image_size,
-                         num_classes=args.num_classes, **count_overrides)
+  # count_flops traces the plain lowering (no extra products of the CPU one).
+  macs = M.count_flops(args.model, image_size, num_classes=args.num_classes,
+                       **overrides)
   fwd_flops = 2 * macs
   train_flops = 3 * fwd_flops
-  n_params = M.count_params(args.model, args.num_classes, **count_overrides)
+  n_params = M.count_params(args.model, args.num_classes, **{
+      k: v for k, v in overrides.items()
+      if k not in ('remat', 'conv_lowering')})
 
-  pmapped, state, batch, rng, impl = build_step(
-      args, forward, per_device_batch, image_size, dtype)
-
+  run_setup, dp, train_step, state, batch = build_step(args, image_size)
+  rng = run_setup.rng
+  impl = 'nfnets.training'
   t0 = time.perf_counter()
-  lowered = pmapped.lower(state, batch, rng)
-  compiled = lowered.compile()
+  compiled = train_step.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
+  state_bytes = state_bytes_per_device(
+      state if args.compile_only else jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                         sharding=x.sharding), state))
+  device = jax.local_devices()[0]
+  if args.compile_only:
+    _, _, mem_details = memory_report(compiled, device)
+    res = {'model': args.model, 'batch_size': args.batch_size,
+           'per_device_batch': per_device_batch, 'devices': args.devices,
+           'image_size': image_size, 'dtype': args.dtype,
+           'parallel_backend': args.backend, 'fsdp': args.fsdp,
+           'compile_s': round(compile_s, 3),
+           'state_bytes_per_device': state_bytes, 'memory': mem_details,
+           'params': n_params, 'jax_version': jax.__version__}
+    print(json.dumps(res), flush=True)
+    if args.json_out:
+      with open(args.json_out, 'a') as f:
+        f.write(json.dumps(res) + '\n')
+    return res
   try:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -377,8 +411,7 @@ def main(argv=None):
   times, cpu_times = timed_windows(run_window, args.steps, args.windows)
   state, metrics = last['state'], last['metrics']
   step_s = statistics.median(times)
-  loss = float(jax.device_get(metrics['loss'])[0]) if 'loss' in metrics \
-      else None
+  loss = float(dp.fetch(metrics)['loss'])
 
   device = jax.local_devices()[0]
   peak_mem, mem_source, mem_details = memory_report(compiled, device)
@@ -400,6 +433,8 @@ def main(argv=None):
       'batch_size': args.batch_size, 'per_device_batch': per_device_batch,
       'devices': args.devices, 'image_size': image_size, 'dtype': args.dtype,
       'device_kind': device.device_kind, 'backend': jax.default_backend(),
+      'parallel_backend': args.backend, 'fsdp': args.fsdp,
+      'state_bytes_per_device': state_bytes,
       'img_per_s': round(img_per_s, 4), 'step_ms': round(step_s * 1e3, 3),
       'step_ms_windows': [round(t * 1e3, 3) for t in times],
       # Host CPU time of this process (all threads) per step: on a CPU
@@ -452,7 +487,9 @@ def _fmt_bytes(b):
 def _print_table(r):
   rows = [
       ('model', f"{r['model']} {r['overrides'] or ''}".strip()),
-      ('step', r['step_impl']),
+      ('step', f"{r['step_impl']} ({r['parallel_backend']}"
+               f"{' + FSDP' if r['fsdp'] else ''})"),
+      ('state / device', _fmt_bytes(r['state_bytes_per_device'])),
       ('device', f"{r['device_kind']} x{r['devices']} ({r['backend']}, "
                  f"{r['threads']} CPU threads)"),
       ('batch / image / dtype', f"{r['batch_size']} ({r['per_device_batch']}"

@@ -12,7 +12,8 @@ released pickles (loaded without executing code), our .npz / orbax files,
 a training workdir. The variant is inferred from the weights unless given.
 Images are resized to (size + 32)^2 and centre-cropped to the variant's test
 resolution (or --image_size; digits default to their native 32 px). Runs
-data-parallel on all local devices (pmap) and on every host; every example
+data-parallel on every device of every host (--backend pmap or jit, the
+training loop's device seam); every example
 of the split is counted exactly once (padding is masked out), so the
 accuracy is exact for any batch size.
 """
@@ -30,7 +31,6 @@ if __package__ in (None, ''):
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 
 import nfnets.checkpoints as C  # noqa: E402
 import nfnets.models as M  # noqa: E402
@@ -45,54 +45,50 @@ def make_data_config(dataset: str, image_size: int, data_dir=None,
                      num_classes: Optional[int] = None
                      ) -> ml_collections.ConfigDict:
   """config.data fields (CONTRACTS.md) for evaluation only."""
-  cfg = ml_collections.ConfigDict(dict(
+  from nfnets import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.base_config().data  # every data knob, at its default
+  cfg.update(dict(
       name=dataset, data_dir=data_dir, train_split='train',
       eval_split=split or _EVAL_SPLIT.get(dataset, 'validation'),
       image_size=image_size, eval_image_size=image_size, randaug='',
       mixup_alpha=0.0, cutmix=False, label_smoothing=0.0,
-      resize_method='bicubic', shuffle_buffer=0, cache=False,
+      resize_method='bicubic', cache=False,
       num_classes=num_classes or (10 if dataset == 'digits' else 1000),
       dtype='float32'))
   if fake_examples:
-    cfg.fake_num_examples = {cfg.eval_split: int(fake_examples)}
+    cfg.fake_eval_examples = int(fake_examples)
   return cfg
-
-
-def _pmapped_eval(forward, compute_dtype):
-  """The training loop's eval step and pmap wrapper (psum over all devices of
-  all hosts) and its replicate()."""
-  from nfnets.training import parallel, step  # pylint: disable=g-import-not-at-top
-  return (parallel.pmap_eval_step(step.make_eval_step(forward, compute_dtype)),
-          parallel.replicate)
-
-
-def _first(x) -> float:
-  """Device 0's value of a pmapped (psum'd) output, also on multi-host."""
-  if hasattr(x, 'addressable_shards'):
-    return float(np.asarray(x.addressable_shards[0].data).reshape(-1)[0])
-  return float(np.asarray(x).reshape(-1)[0])
 
 
 def evaluate(params: Mapping[str, Any], variant: str,
              data_config: ml_collections.ConfigDict, *, batch_size: int,
              model_kwargs: Optional[Mapping[str, Any]] = None,
              max_batches: Optional[int] = None, log_every: int = 0,
-             compute_dtype: str = 'float32') -> Dict[str, float]:
+             compute_dtype: str = 'float32', backend: str = 'pmap'
+             ) -> Dict[str, float]:
   """Top-1/top-5/loss over the eval split; sums over all devices and hosts.
 
+  The training loop's eval step and device seam
+  (nfnets.training.parallel.make(backend), nfnets.training.setup.evaluate).
   img/s counts the images after the first batch (which includes compilation)
   over the wall time from the end of the first batch to the last result.
   """
-  from nfnets import data  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from nfnets import data
+  from nfnets.training import parallel, setup, step
+  # pylint: enable=g-import-not-at-top
   num_classes = C.summarize(params).num_classes
   if num_classes is not None and num_classes < data_config.num_classes:
     raise ValueError(f'the weights have {num_classes} classes but '
                      f'{data_config.name} has {data_config.num_classes}.')
   forward = M.forward_fn(variant, num_classes or data_config.num_classes,
                          **dict(model_kwargs or {}))
-  p_eval, replicate = _pmapped_eval(forward, jnp.dtype(compute_dtype))
-  rep = replicate(params)
-  devices = jax.device_count()
+  dp = parallel.make(ml_collections.ConfigDict(dict(backend=backend,
+                                                    fsdp=False)))
+  eval_fn = dp.eval_step(step.make_eval_step(forward,
+                                             jnp.dtype(compute_dtype)))
+  params = dp.put_state(params)
+  devices = dp.num_devices
   if batch_size % devices:
     batch_size = -(-batch_size // devices) * devices
     print(f'batch size rounded up to {batch_size} ({devices} devices)')
@@ -100,33 +96,36 @@ def evaluate(params: Mapping[str, Any], variant: str,
   total_batches = getattr(it, 'num_batches', None)
   if max_batches is not None:
     it = itertools.islice(it, max_batches)
-  it = data.prefetch_to_device(
-      ({k: b[k] for k in ('images', 'labels', 'mask')} for b in it), size=2)
-  totals, first = None, None
-  start = time.time()
-  for i, batch in enumerate(it):
-    sums = p_eval(rep, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if first is None:  # compilation + first batch
-      first = {k: _first(v) for k, v in totals.items()}
-      t_first = time.time()
+  first = {}
+
+  def on_batch(i, totals):
+    if i == 0:  # compilation + first batch
+      first.update(dp.fetch(totals), time=time.time())
     if log_every and (i + 1) % log_every == 0:
-      top1, count = _first(totals['top1']), _first(totals['count'])
-      print(f'batch {i + 1}: top-1 {top1 / max(count, 1):.4f} '
-            f'({int(count)} images)', flush=True)
-  if totals is None:
-    raise ValueError(f'{data_config.name}:{data_config.eval_split} is empty.')
-  totals = {k: _first(v) for k, v in totals.items()}
+      t = dp.fetch(totals)
+      print(f'batch {i + 1}: top-1 {t["top1"] / max(t["count"], 1):.4f} '
+            f'({int(t["count"])} images)', flush=True)
+
+  start = time.time()
+  try:
+    totals = setup.evaluate(
+        dp, eval_fn, params,
+        ({k: b[k] for k in ('images', 'labels', 'mask')} for b in it),
+        on_batch=on_batch)
+  except ValueError as e:
+    raise ValueError(f'{data_config.name}:{data_config.eval_split} is empty.'
+                     ) from e
   end = time.time()
   count = max(totals['count'], 1.0)
-  steady_images = totals['count'] - first['count']
+  steady_images = totals['count'] - float(first['count'])
   complete = max_batches is None or (total_batches is not None
                                      and total_batches <= max_batches)
   return dict(
       top1=totals['top1'] / count, top5=totals['top5'] / count,
       loss=totals['loss'] / count, count=int(totals['count']),
       seconds=end - start,
-      images_per_sec=(steady_images / (end - t_first) if steady_images > 0
+      images_per_sec=(steady_images / (end - first['time'])
+                      if steady_images > 0
                       else totals['count'] / max(end - start, 1e-9)),
       devices=devices, batch_size=batch_size, complete=bool(complete))
 
@@ -153,6 +152,8 @@ def parse_args(argv=None):
                  help='stop early (smoke tests; result marked incomplete)')
   p.add_argument('--compute_dtype', choices=('float32', 'bfloat16'),
                  default='float32', help='bfloat16 is faster on accelerators')
+  p.add_argument('--backend', choices=('pmap', 'jit'), default='pmap',
+                 help='device layout (nfnets.training.parallel)')
   p.add_argument('--distributed', action='store_true',
                  help='multi-host: call jax.distributed.initialize() first')
   p.add_argument('--log_every', type=int, default=0)
@@ -182,7 +183,8 @@ def main(argv=None) -> int:
   try:
     res = evaluate(params, variant, data_config, batch_size=args.batch_size,
                    model_kwargs=model_kwargs, max_batches=args.max_batches,
-                   log_every=args.log_every, compute_dtype=args.compute_dtype)
+                   log_every=args.log_every, compute_dtype=args.compute_dtype,
+                   backend=args.backend)
   except (FileNotFoundError, ValueError) as e:  # e.g. DatasetNotPreparedError
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -36,7 +36,9 @@ def plot(records, out: str, title: str = '') -> None:
     if xs:
       axes[1].plot(xs, ys, 'o-' if key.startswith('eval') else '-',
                    label=label)
-  axes[2].plot(*series(records, 'lr'), label='learning rate')
+  # 'train/lr'; metrics files written before the keys were prefixed: 'lr'.
+  lr_key = 'train/lr' if any('train/lr' in r for r in records) else 'lr'
+  axes[2].plot(*series(records, lr_key), label='learning rate')
   for ax in axes:
     ax.set_xlabel('step')
     ax.legend()

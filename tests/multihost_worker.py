@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_utils  # noqa: E402
 
 
-def _emulate_hosts(hosts, devices_per_host):
+def _emulate_hosts(hosts):
   import numpy as np
   from nfnets import data
   single_host = data.create_train_iterator
@@ -27,7 +27,7 @@ def _emulate_hosts(hosts, devices_per_host):
   def create_train_iterator(cfg, *, global_batch_size, seed, start_step=0):
     its = [single_host(cfg, global_batch_size=global_batch_size, seed=seed,
                        start_step=start_step, process_index=i,
-                       process_count=hosts, local_device_count=devices_per_host)
+                       process_count=hosts)
            for i in range(hosts)]
     while True:
       parts = [next(it) for it in its]
@@ -40,7 +40,7 @@ def main():
   emulate = int(sys.argv[6]) if len(sys.argv) > 6 else 0
   jax.config.update('jax_num_cpu_devices', int(ndev))
   if emulate:
-    _emulate_hosts(emulate, int(ndev) // emulate)
+    _emulate_hosts(emulate)
   config = train_utils.tiny_config(num_steps=4, batch_size=16)
   config.unlock()
   if int(nproc) > 1:

@@ -76,7 +76,8 @@ def test_train_eval_logs_and_mismatch(tmp_path):
   train = [r for r in records if 'train/loss' in r]
   evals = [r for r in records if 'eval/top1' in r]
   assert [r['step'] for r in train] == [2, 4]
-  for key in ('train/loss', 'train/top1', 'lr', 'throughput'):
+  for key in ('train/loss', 'train/top1', 'train/lr', 'train/throughput',
+              'train/grad_norm'):
     assert all(np.isfinite(r[key]) for r in train), key
   assert evals and {'eval/top5', 'eval_ema/top1'} <= set(evals[-1])
   assert json.load(open(os.path.join(workdir, 'config.json')))['model'][
@@ -125,6 +126,39 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_jit_fsdp_loop_equals_pmap_loop_and_averages_the_window(tmp_path):
+  """The loop under config.parallel 'jit' + FSDP trains the same model as
+  under 'pmap', and a log covers every step since the previous one."""
+  def run(name, backend, log_every):
+    config = train_utils.tiny_config(num_steps=3)
+    with config.unlocked():
+      config.parallel.backend = backend
+      config.parallel.fsdp = backend == 'jit'
+      config.train.log_every_steps = log_every
+      config.train.checkpoint_every_steps = 0
+    workdir = str(tmp_path / name)
+    results = train_and_evaluate(config, workdir)
+    records = [json.loads(l) for l in open(os.path.join(workdir,
+                                                        'metrics.jsonl'))]
+    return results, workdir, [r for r in records if 'train/loss' in r]
+
+  results_p, pmap_dir, per_step = run('pmap', 'pmap', 1)
+  results_j, jit_dir, window = run('jit', 'jit', 3)
+  assert [r['step'] for r in per_step] == [1, 2, 3]
+  assert [r['step'] for r in window] == [3]
+  for key in ('train/loss', 'train/top1', 'train/grad_norm'):
+    np.testing.assert_allclose(
+        window[0][key], np.mean([r[key] for r in per_step]), rtol=1e-5)
+  assert results_j['eval/count'] == results_p['eval/count'] == 300
+  np.testing.assert_allclose(results_j['eval/loss'], results_p['eval/loss'],
+                             rtol=1e-5)
+  for which in ('raw', 'ema'):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5,
+                                                         atol=1e-7),
+                 checkpointing.restore_params(jit_dir, which),
+                 checkpointing.restore_params(pmap_dir, which))
+
+
 def _worker(workdir, nproc, pid, port, ndev, emulate=0):
   env = dict(os.environ, PYTHONPATH=REPO)
   return subprocess.Popen(
@@ -159,8 +193,10 @@ def test_two_processes_equal_one_process(tmp_path):
 
 def test_plot_metrics(tmp_path):
   from scripts import plot_metrics
-  records = [{'step': 2, 'train/loss': 2.0, 'train/top1': 0.1, 'lr': 0.1},
-             {'step': 4, 'train/loss': 1.0, 'train/top1': 0.5, 'lr': 0.05},
+  records = [{'step': 2, 'train/loss': 2.0, 'train/top1': 0.1,
+              'train/lr': 0.1},
+             {'step': 4, 'train/loss': 1.0, 'train/top1': 0.5,
+              'train/lr': 0.05},
              {'step': 4, 'eval/top1': 0.6, 'eval_ema/top1': 0.55}]
   with open(tmp_path / 'metrics.jsonl', 'w') as f:
     f.write('\n'.join(json.dumps(r) for r in records))

@@ -43,19 +43,17 @@ def _setup(batch=16, classes=5):
 
 @functools.lru_cache(maxsize=None)
 def _pmapped_step(fwd, tx, devices):
-  return parallel.pmap_train_step(step_lib.make_train_step(fwd, tx),
-                                  devices=list(devices))
+  dp = parallel.Pmap(list(devices))
+  return dp, dp.train_step(step_lib.make_train_step(fwd, tx))
 
 
 def _run(fwd, tx, params, images, labels, devices, steps=2):
-  n = len(devices)
-  p_step = _pmapped_step(fwd, tx, tuple(devices))
-  state = parallel.replicate(state_lib.create(params, tx), devices)
-  batch = {'images': images.reshape((n, -1) + images.shape[1:]),
-           'labels': labels.reshape((n, -1) + labels.shape[1:])}
+  dp, p_step = _pmapped_step(fwd, tx, tuple(devices))
+  state = dp.put_state(state_lib.create(params, tx))
+  batch = dp.put_batch_now({'images': images, 'labels': labels})
   for _ in range(steps):
     state, metrics = p_step(state, batch, jax.random.PRNGKey(1))
-  return parallel.unreplicate(state), parallel.unreplicate(metrics)
+  return dp.get_state(state), dp.fetch(metrics)
 
 
 def test_eight_devices_equal_one_device_same_global_batch():
@@ -114,13 +112,12 @@ def test_step_with_finite_loss_but_nan_gradient_is_skipped():
       jnp.asarray(labels)))
   assert np.isfinite(float(loss_fn(params)))
   assert np.isnan(np.asarray(jax.grad(loss_fn)(params)['~']['b'])).all()
-  p_step = parallel.pmap_train_step(step_lib.make_train_step(fwd, tx),
-                                    devices=jax.local_devices()[:1])
-  state = parallel.replicate(state_lib.create(params, tx),
-                             jax.local_devices()[:1])
-  batch = {'images': images[None], 'labels': labels[None]}
+  dp = parallel.Pmap(jax.local_devices()[:1])
+  p_step = dp.train_step(step_lib.make_train_step(fwd, tx))
+  state = dp.put_state(state_lib.create(params, tx))
+  batch = dp.put_batch_now({'images': images, 'labels': labels})
   state, metrics = p_step(state, batch, jax.random.PRNGKey(1))
-  state, metrics = parallel.unreplicate((state, metrics))
+  state, metrics = dp.get_state(state), dp.fetch(metrics)
   assert int(state.step) == 1 and int(state.nonfinite) == 1
   assert float(metrics['skipped']) == 1.0
   jax.tree.map(np.testing.assert_array_equal, state.params, params)
@@ -150,12 +147,10 @@ def test_eval_step_counts_with_mask():
   images = images[:8]
   ids = np.arange(8) % 5
   mask = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
-  p_eval = parallel.pmap_eval_step(step_lib.make_eval_step(fwd),
-                                   devices=jax.local_devices()[:2])
-  batch = {'images': images.reshape(2, 4, 16, 16, 3),
-           'labels': ids.reshape(2, 4), 'mask': mask.reshape(2, 4)}
-  sums = parallel.unreplicate(
-      p_eval(parallel.replicate(params, jax.local_devices()[:2]), batch))
+  dp = parallel.Pmap(jax.local_devices()[:2])
+  p_eval = dp.eval_step(step_lib.make_eval_step(fwd))
+  batch = dp.put_batch_now({'images': images, 'labels': ids, 'mask': mask})
+  sums = dp.fetch(p_eval(dp.put_state(params), batch))
   logits = np.asarray(fwd.apply(params, None, jnp.asarray(images),
                                 False)['logits'])
   top1 = ((logits.argmax(-1) == ids) * mask).sum()

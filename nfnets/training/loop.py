@@ -1,25 +1,26 @@
-"""The experiment loop: train_and_evaluate(config, workdir)."""
-import math
+"""The experiment loop: train_and_evaluate(config, workdir).
+
+Setup is `build(config)` (nfnets.training.setup); devices are the seam
+`parallel.make(config.parallel)`; the loop is "one step, then the periodic
+actions that are due".
+"""
 import os
-import signal
 import time
 from typing import Dict
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import optax
 
+from nfnets import checkpoints
 from nfnets import config as config_lib
 from nfnets import data
-from nfnets import models
-from nfnets.checkpoints.run import RunCheckpointer
-from nfnets import optim
 from nfnets.training import hardware
 from nfnets.training import parallel
-from nfnets.training import state as state_lib
-from nfnets.training import step as step_lib
 from nfnets.training.logger import MetricWriter, format_duration
+# build/Setup are part of this module's interface (loop.build(config)).
+from nfnets.training.setup import (Setup, add_trees, build, due, evaluate,  # pylint: disable=unused-import
+                                   resolve_compute_dtype)
 
 
 class NonFiniteError(RuntimeError):
@@ -47,212 +48,140 @@ def maybe_initialize_distributed(cfg) -> None:
       raise
 
 
-def resolve_compute_dtype(name: str):
-  if name == 'auto':
-    return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
-  return jnp.dtype(name)
-
-
-def _freeze_body(tx, regex: str):
-  """Trains only the classifier (paths matching regex); the body gets zero
-  updates and keeps no optimizer state."""
-  def labels(params):
-    return jax.tree.map(
-        lambda path: 'train' if optim.is_classifier(path, regex) else 'frozen',
-        optim.tree_paths(params))
-  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
-                               labels)
-
-
-def _init_params(config, forward, rng):
-  size = config.data.image_size
-  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-  params = jax.jit(lambda r: forward.init(r, dummy, True))(rng)
-  params = jax.device_get(params)
-  if config.init.checkpoint:
-    from nfnets import checkpoints  # only needed for fine-tuning
-    # num_classes is left to the file: a new task re-initialises the head.
-    loaded = checkpoints.load_pretrained(
-        config.init.checkpoint, variant=config.model.name,
-        which=config.init.params, model_kwargs=config.model.kwargs)
-    # The classifier module (e.g. 'NFNet/~/linear') keeps its fresh init.
-    reset = checkpoints.CLASSIFIER if config.init.reset_classifier else None
-    params = checkpoints.merge_into(params, loaded, reset=reset)
-    logging.info('Initialised from %s (%s params%s).', config.init.checkpoint,
-                 config.init.params,
-                 ', classifier re-initialised' if reset else '')
-  return params
-
-
-def evaluate(eval_fn, params, config, global_batch_size: int
-             ) -> Dict[str, float]:
-  """Top-1/top-5/loss over the whole eval split (padded, masked)."""
-  totals = None
-  for batch in data.create_eval_iterator(config.data,
-                                         global_batch_size=global_batch_size):
-    sums = eval_fn(params, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.tree.map(float, parallel.unreplicate(totals))
-  count = totals['count']
-  return {'top1': totals['top1'] / count, 'top5': totals['top5'] / count,
-          'loss': totals['loss'] / count, 'count': count}
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag so the loop can checkpoint and exit cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._old = None
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def restore(self):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+def _check_nonfinite(nonfinite: int, step: int, limit: int) -> None:
+  if nonfinite >= limit:
+    raise NonFiniteError(
+        f'{nonfinite} consecutive steps (up to step {step}) had non-finite '
+        'loss or gradients and were skipped. Lower the learning rate '
+        '(config.optim.lr), check AGC (config.optim.use_agc / '
+        'agc_clipping) and the input data.')
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   """Trains and evaluates a model; resumes from WORKDIR's latest checkpoint.
 
   Returns the final evaluation metrics ('eval/top1', 'eval_ema/top1', ...).
+  Train metrics are logged every train.log_every_steps as the mean over the
+  steps since the previous log ('train/loss', ..., 'train/lr').
   """
   maybe_initialize_distributed(config.distributed)
+  # Checks the placeholders that are set; build() validates the resolved copy.
   config_lib.validate(config, num_devices=jax.device_count())
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  dp = parallel.make(config.parallel)
+  run = build(config, data_num_classes=data.num_classes(config.data))
+  config = run.config  # resolved: sizes, RandAugment, recipe, classes
+  config_lib.validate(config, num_devices=jax.device_count())
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    logging.info('%s', config_lib.describe(config))
+  cfg = config.train
 
-  compute_dtype = resolve_compute_dtype(config.model.compute_dtype)
-  model_kwargs = dict(config.model.kwargs)
-  forward = models.forward_fn(config.model.name, config.model.num_classes,
-                              **model_kwargs)
-  batch_size = config.train.batch_size
-  n_train = data.num_examples(config.data, config.data.train_split)
-  steps_per_epoch = max(1, n_train // batch_size)
-  total_steps = config.train.num_steps or int(
-      math.ceil(config.train.num_epochs * steps_per_epoch))
-  tx, lr_fn = optim.make_optimizer(config.optim, batch_size=batch_size,
-                                   steps_per_epoch=steps_per_epoch,
-                                   total_steps=total_steps)
-  if config.train.freeze_body:
-    tx = _freeze_body(tx, config.optim.classifier_regex)
-
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
-  state = state_lib.create(_init_params(config, forward, init_rng), tx)
-  meta = {'model': config.model.name, 'num_classes': config.model.num_classes}
-  ckpt = RunCheckpointer(workdir, max_to_keep=config.train.keep_checkpoints,
-                         async_save=config.train.async_checkpointing)
-  start_step = 0
+  ckpt = checkpoints.RunCheckpointer(workdir, max_to_keep=cfg.keep_checkpoints,
+                                     async_save=cfg.async_checkpointing)
+  state, start_step = run.state, 0
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(state, meta)
+    state = ckpt.restore(dp.target_for_restore(state), run.meta)
     start_step = int(state.step)
     logging.info('Resumed from %s at step %d.', ckpt.directory, start_step)
-  p_state = parallel.replicate(state)
-  del state
-
-  p_train = parallel.pmap_train_step(step_lib.make_train_step(
-      forward, tx, compute_dtype=compute_dtype,
-      ema_decay=config.optim.ema_decay, sam_rho=config.optim.sam_rho))
-  p_eval = parallel.pmap_eval_step(step_lib.make_eval_step(forward,
-                                                           compute_dtype))
-  train_iter = data.create_train_iterator(
-      config.data, global_batch_size=batch_size, seed=config.seed,
-      start_step=start_step)
-  train_iter = data.prefetch_to_device(train_iter, size=config.train.prefetch)
-
+  state = dp.put_state(state)
+  train_step = dp.train_step(run.train_step)
+  eval_step = dp.eval_step(run.eval_step)
+  batches = dp.put_batch(data.create_train_iterator(
+      config.data, global_batch_size=run.batch_size, seed=config.seed,
+      start_step=start_step), cfg.prefetch)
   writer = MetricWriter(workdir, enabled=is_main)
-  macs = models.count_flops(config.model.name, config.data.image_size,
-                            config.model.num_classes, **model_kwargs)
-  flops_per_image = hardware.train_flops_per_image(macs)
   peak = hardware.peak_tflops_for(jax.devices()[0].device_kind,
-                                  jnp.dtype(compute_dtype).name)
-  log_every = config.train.log_every_steps
-  sync_every = min(config.train.sync_every_steps, log_every)
-  preempt = _Preemption()
+                                  jnp.dtype(run.compute_dtype).name)
+  total, batch_size = run.total_steps, run.batch_size
+  # Block on a result at least this often (fake CPU devices deadlock when
+  # too many steps are in flight).
+  sync_every = min(cfg.sync_every_steps, cfg.log_every_steps)
   if is_main:
-    logging.info('Training %s for %d steps (%d/epoch), global batch %d on %d '
-                 'devices (%d hosts), compute %s.', config.model.name,
-                 total_steps, steps_per_epoch, batch_size, jax.device_count(),
-                 jax.process_count(), jnp.dtype(compute_dtype).name)
+    logging.info('Training %s for %d steps (%.1f/epoch), global batch %d on %d '
+                 'devices (%d hosts, %s), compute %s.', config.model.name,
+                 total, run.steps_per_epoch, batch_size, dp.num_devices,
+                 jax.process_count(), type(dp).__name__,
+                 jnp.dtype(run.compute_dtype).name)
 
   def run_eval(step):
-    results = {}
-    for prefix, params in (('eval', p_state.params),
-                           ('eval_ema', p_state.ema_params)):
-      for k, v in evaluate(p_eval, params, config,
-                           config.train.eval_batch_size).items():
-        results[f'{prefix}/{k}'] = v
+    results, skipped = {}, 0
+    for prefix, params in (('eval', state.params),
+                           ('eval_ema', state.ema_params)):
+      batches = data.create_eval_iterator(
+          config.data, global_batch_size=cfg.eval_batch_size)
+      totals = evaluate(dp, eval_step, params, batches)
+      skipped = batches.num_skipped
+      count = totals['count']
+      results.update({f'{prefix}/top1': totals['top1'] / count,
+                      f'{prefix}/top5': totals['top5'] / count,
+                      f'{prefix}/loss': totals['loss'] / count,
+                      f'{prefix}/count': count})
     writer.write(step, results)
     if is_main:
       logging.info('[%d] eval top1 %.4f top5 %.4f | ema top1 %.4f top5 %.4f '
-                   '(%d examples)', step, results['eval/top1'],
+                   '(%d examples%s)', step, results['eval/top1'],
                    results['eval/top5'], results['eval_ema/top1'],
-                   results['eval_ema/top5'], results['eval/count'])
+                   results['eval_ema/top5'], results['eval/count'],
+                   f'; {skipped} undecodable image(s) skipped on host 0'
+                   if skipped else '')
     return results
 
-  results = {}
-  t_start = time.time()
-  t_window, window_start = time.time(), start_step
+  def log_train(step, window_sums, window_steps, seconds):
+    m = {f'train/{k}': float(v) / window_steps
+         for k, v in dp.fetch(window_sums).items()}
+    img_s = window_steps * batch_size / max(seconds, 1e-9)
+    m['train/lr'] = float(run.lr_fn(step - 1))
+    m['train/throughput'] = img_s
+    m['train/tflops_per_device'] = (img_s * run.flops_per_image / 1e12 /
+                                    dp.num_devices)
+    if peak:
+      m['train/mfu'] = m['train/tflops_per_device'] / peak
+    writer.write(step, m)
+    if is_main:
+      logging.info('[%d/%d] loss %.4f top1 %.3f lr %.4g | %.1f img/s | ETA %s',
+                   step, total, m['train/loss'], m['train/top1'],
+                   m['train/lr'], img_s,
+                   format_duration((total - step) * batch_size / img_s))
+
+  # SIGTERM on any host -> every host saves the same step and exits.
+  preempt = checkpoints.PreemptionWatcher()
+  results, preempted = {}, False
+  t_start = t_window = time.time()
+  window_sums, window_steps = None, 0  # train metrics since the last log
   step = start_step
   try:
-    while step < total_steps:
-      batch = next(train_iter)
-      p_state, metrics = p_train(p_state, batch, step_rng)
+    while step < total and not preempted:
+      state, metrics = train_step(state, next(batches), run.rng)
+      window_sums = (metrics if window_sums is None
+                     else add_trees(window_sums, metrics))
+      window_steps += 1
       step += 1
-      last = step == total_steps
-      if step % sync_every == 0 or last or preempt.requested:
-        nonfinite = int(parallel.unreplicate(p_state.nonfinite))
-        if nonfinite >= config.train.max_nonfinite_steps:
-          raise NonFiniteError(
-              f'{nonfinite} consecutive steps (up to step {step}) had '
-              'non-finite loss or gradients and were skipped. Lower the '
-              'learning rate (config.optim.lr_per_256), check AGC '
-              '(config.optim.use_agc / agc_clipping) and the input data.')
-      if step % log_every == 0 or last:
-        m = {f'train/{k}': float(v)
-             for k, v in parallel.unreplicate(metrics).items()}
+      last = step == total
+      preempted = preempt.should_stop(step) and not last
+      if due(step, sync_every) or last or preempted:
+        _check_nonfinite(int(dp.fetch(state.nonfinite)), step,
+                         cfg.max_nonfinite_steps)
+      if due(step, cfg.log_every_steps) or last:
         now = time.time()
-        img_s = (step - window_start) * batch_size / max(now - t_window, 1e-9)
-        t_window, window_start = now, step
-        m['lr'] = float(lr_fn(step - 1))
-        m['throughput'] = img_s
-        m['train/tflops_per_device'] = (img_s * flops_per_image / 1e12 /
-                                        jax.device_count())
-        if peak:
-          m['train/mfu'] = m['train/tflops_per_device'] / peak
-        writer.write(step, m)
-        if is_main:
-          eta = (total_steps - step) * batch_size / img_s if img_s else None
-          logging.info('[%d/%d] loss %.4f top1 %.3f lr %.4g | %.1f img/s | '
-                       'ETA %s', step, total_steps, m['train/loss'],
-                       m['train/top1'], m['lr'], img_s, format_duration(eta))
-      eval_every = config.train.eval_every_steps
-      if eval_every and step % eval_every == 0 and not last:
+        log_train(step, window_sums, window_steps, now - t_window)
+        t_window, window_sums, window_steps = now, None, 0
+      if due(step, cfg.eval_every_steps) and not last:
         results = run_eval(step)
-      ckpt_every = config.train.checkpoint_every_steps
-      if (ckpt_every and step % ckpt_every == 0) or last or preempt.requested:
-        ckpt.save(step, parallel.unreplicate(p_state), meta)
-      if preempt.requested and not last:
-        logging.warning('SIGTERM: checkpointed step %d; exiting. Rerun the '
-                        'same command to resume.', step)
-        ckpt.close()
-        writer.close()
-        return results
-    results = run_eval(step)
-    if is_main:
-      logging.info('Done: %d steps in %s.', step,
-                   format_duration(time.time() - t_start))
+      if due(step, cfg.checkpoint_every_steps) or last or preempted:
+        ckpt.save(step, dp.state_for_checkpoint(state), run.meta)
+    if preempted:
+      logging.warning('SIGTERM: checkpointed step %d; exiting. Rerun the '
+                      'same command to resume.', step)
+    else:
+      results = run_eval(step)
+      if is_main:
+        logging.info('Done: %d steps in %s.', step,
+                     format_duration(time.time() - t_start))
   finally:
-    preempt.restore()
+    preempt.close()
     ckpt.close()
     writer.close()
   return results

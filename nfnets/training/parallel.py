@@ -1,10 +1,20 @@
-"""The data-parallel wrapper, kept in one place.
+"""The one seam between the training code and the device layout.
 
-The per-device step functions (nfnets.training.step) only use collectives
-over the named axis AXIS, so the same functions run under
-`jax.pmap(..., axis_name=AXIS)` (below) or `jax.jit(shard_map(...))`.
+`make(config.parallel)` returns a `DataParallel`: it owns where the train
+state and the batches live and how the per-device steps (nfnets.training.step,
+which only use collectives over the named axis AXIS) are wrapped. Callers see
+host batches [per_host_batch, ...] and host pytrees; nothing else depends on
+the backend.
+
+  backend 'pmap' (`Pmap`, below): jax.pmap over this host's devices; the state
+    is replicated, stacked on a leading device axis.
+  backend 'jit' (nfnets.training.parallel_jit.Jit): jax.jit(jax.shard_map(...))
+    over a 1-D mesh of all devices of all hosts; with fsdp=True the state is
+    sharded over the mesh.
 """
-from typing import Any, Callable
+import collections
+import itertools
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -12,22 +22,83 @@ import numpy as np
 AXIS = 'batch'
 
 
-def pmap_train_step(train_step: Callable, devices=None) -> Callable:
-  """pmaps train_step(state, batch, rng) -> (state, metrics).
+class DataParallel:
+  """Backend-independent part: prefetching, fetching replicated values."""
 
-  The state is donated; the root rng is broadcast (not replicated): the step
-  folds in the step number and the device index itself.
-  """
-  return jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None),
-                  donate_argnums=(0,), devices=devices)
+  def put_state(self, tree: Any) -> Any:
+    """A host pytree (TrainState, params) -> the backend's device layout."""
+    raise NotImplementedError
 
+  def get_state(self, tree: Any) -> Any:
+    """Device layout -> host numpy pytree (the global values)."""
+    raise NotImplementedError
 
-def pmap_eval_step(eval_step: Callable, devices=None) -> Callable:
-  """pmaps eval_step(params, batch) -> sums, psum'd over every device (of
-  every host), so each host gets the global totals."""
-  def summed(params, batch):
-    return jax.lax.psum(eval_step(params, batch), AXIS)
-  return jax.pmap(summed, axis_name=AXIS, devices=devices)
+  def put_batch_now(self, batch: Any) -> Any:
+    """One host batch {k: [per_host_batch, ...]} -> device layout."""
+    raise NotImplementedError
+
+  def train_step(self, fn: Callable) -> Callable:
+    """fn(state, batch, rng) -> (state, metrics), per device -> wrapped."""
+    raise NotImplementedError
+
+  def eval_step(self, fn: Callable) -> Callable:
+    """fn(params, batch) -> per-device sums -> wrapped, summed over all devices
+    of all hosts."""
+    raise NotImplementedError
+
+  def fetch(self, tree: Any) -> Any:
+    """Host numpy value of outputs that are identical on every device (the
+    step's metrics, eval sums, state.step); blocks until they are ready."""
+    return jax.tree.map(lambda x: self._first(np.asarray(
+        x.addressable_shards[0].data)), tree)
+
+  def _first(self, x: np.ndarray) -> np.ndarray:
+    return x
+
+  @staticmethod
+  def bytes_per_device(tree: Any) -> int:
+    """The most bytes any local device holds of `tree`'s arrays."""
+    per = collections.Counter()
+    for x in jax.tree.leaves(tree):
+      for shard in x.addressable_shards:
+        per[shard.device] += shard.data.nbytes
+    return max(per.values()) if per else 0
+
+  def put_batch(self, iterator: Iterable[Any], size: int = 2) -> Iterator[Any]:
+    """Moves host batches to the devices, `size` batches ahead (transfers are
+    asynchronous, so they overlap the host pipeline and the step)."""
+    queue, iterator = collections.deque(), iter(iterator)
+
+    def enqueue(n):
+      for batch in itertools.islice(iterator, n):
+        queue.append(self.put_batch_now(batch))
+    enqueue(max(1, size))
+    while queue:
+      yield queue.popleft()
+      enqueue(1)
+
+  def abstract_state(self, tree: Any) -> Any:
+    """jax.ShapeDtypeStructs (with shardings) of put_state(tree), for
+    `.lower()` without allocating."""
+    raise NotImplementedError
+
+  def abstract_batch(self, tree: Any) -> Any:
+    """Same for put_batch_now of a host batch with these shapes."""
+    raise NotImplementedError
+
+  @property
+  def num_devices(self) -> int:
+    """Devices of all hosts that share the global batch."""
+    raise NotImplementedError
+
+  def state_for_checkpoint(self, state: Any) -> Any:
+    """What the checkpointer saves: a host tree (pmap) or global arrays."""
+    return self.get_state(state)
+
+  def target_for_restore(self, host_state: Any) -> Any:
+    """The restore target matching `host_state`; restored trees go through
+    put_state."""
+    return host_state
 
 
 def local_sharding(devices=None) -> jax.sharding.NamedSharding:
@@ -37,26 +108,73 @@ def local_sharding(devices=None) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
 
 
-def replicate(tree: Any, devices=None) -> Any:
-  """Copies a host pytree onto every local device (or `devices`), stacked on
-  axis 0 (the layout pmap expects)."""
-  devices = list(devices) if devices is not None else jax.local_devices()
-  sharding = local_sharding(devices)
-  n = len(devices)
+class Pmap(DataParallel):
+  """jax.pmap over `devices` (default: all local devices); a host batch
+  [n * b, ...] becomes [n, b, ...], device i holding rows [i*b, (i+1)*b)."""
 
-  def put(x):
-    x = np.asarray(x)
-    return jax.device_put(np.broadcast_to(x, (n,) + x.shape), sharding)
-  return jax.tree.map(put, tree)
+  def __init__(self, devices=None):
+    self.devices = list(devices) if devices is not None else jax.local_devices()
+    self._sharding = local_sharding(self.devices)
+    # None: pmap over the devices of ALL hosts (collectives span hosts);
+    # an explicit list restricts a single-host run.
+    self._pmap_devices = list(devices) if devices is not None else None
+
+  def put_state(self, tree):
+    n = len(self.devices)
+    return jax.tree.map(lambda x: jax.device_put(
+        np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), self._sharding),
+                        tree)
+
+  def get_state(self, tree):
+    return self.fetch(tree)
+
+  def _first(self, x):
+    return x[0]
+
+  def put_batch_now(self, batch):
+    n = len(self.devices)
+    return jax.tree.map(lambda x: jax.device_put(
+        np.reshape(x, (n, -1) + np.shape(x)[1:]), self._sharding), batch)
+
+  def train_step(self, fn):
+    # The state is donated; the root rng is broadcast: the step folds in the
+    # step number and the device index itself.
+    return jax.pmap(fn, axis_name=AXIS, in_axes=(0, 0, None),
+                    donate_argnums=(0,), devices=self._pmap_devices)
+
+  def eval_step(self, fn):
+    return jax.pmap(lambda p, b: jax.lax.psum(fn(p, b), AXIS), axis_name=AXIS,
+                    devices=self._pmap_devices)
+
+  def abstract_state(self, tree):
+    n = len(self.devices)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        (n,) + np.shape(x), x.dtype, sharding=self._sharding), tree)
+
+  def abstract_batch(self, tree):
+    n = len(self.devices)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        (n, x.shape[0] // n) + tuple(x.shape[1:]), x.dtype,
+        sharding=self._sharding), tree)
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices) * jax.process_count()
 
 
-def unreplicate(tree: Any) -> Any:
-  """The first device's copy of a replicated pytree, as host numpy arrays."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0]
-                      if hasattr(x, 'addressable_shards') else x[0], tree)
-
-
-def shard(tree: Any) -> Any:
-  """Reshapes host arrays [local_devices * n, ...] to [local_devices, n, ...]."""
-  n = jax.local_device_count()
-  return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), tree)
+def make(cfg=None, devices=None) -> DataParallel:
+  """The seam for config.parallel: backend 'pmap' (default) or 'jit' (with
+  optional fsdp). `devices` restricts a single-host run to some devices."""
+  backend = cfg.backend if cfg is not None else 'pmap'
+  fsdp = bool(cfg.fsdp) if cfg is not None else False
+  if backend == 'pmap':
+    if fsdp:
+      raise ValueError("config.parallel.fsdp=True needs backend 'jit' (pmap "
+                       "replicates the state); set config.parallel.backend="
+                       "'jit' or fsdp=False.")
+    return Pmap(devices)
+  if backend == 'jit':
+    from nfnets.training import parallel_jit  # pylint: disable=g-import-not-at-top
+    return parallel_jit.Jit(devices, fsdp=fsdp)
+  raise ValueError(f"config.parallel.backend must be 'pmap' or 'jit', got "
+                   f'{backend!r}.')
