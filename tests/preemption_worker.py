@@ -18,7 +18,6 @@ if __name__ == '__main__':  # not when the test imports expected_state
       if 'device_count' not in f)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 MAX_STEPS = 3000

@@ -10,6 +10,7 @@ import pytest
 
 import nfnets.checkpoints as C
 import nfnets.models as M
+import test_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=0.125, depth=(1, 1, 1, 1), group_size=16)
@@ -29,13 +30,13 @@ def test_config_fields():
   assert c.init.checkpoint is None and c.init.params == 'ema'
   assert c.init.reset_classifier is True and c.train.freeze_body is False
   assert c.data.name == 'digits' and c.model.num_classes == 10
-  assert dict(c.model.kwargs)['width'] == TINY['width']  # configs/demo.py's
+  assert config_lib.model_kwargs(c)['width'] == TINY['width']  # configs/demo.py's
   c.init.checkpoint = '/some/run'  # settable from the command line
   with pytest.raises(AttributeError):
     c.init.chekpoint = 'typo'  # locked
   config_lib.validate(c)
   f0 = _finetune_config('F0')
-  assert f0.model.name == 'F0' and 'width' not in dict(f0.model.kwargs)
+  assert f0.model.name == 'F0' and 'width' not in config_lib.model_kwargs(f0)
   config_lib.validate(f0)
   with pytest.raises(ValueError):
     _finetune_config('cifar')
@@ -107,3 +108,25 @@ def test_end_to_end_with_training_loop(tmp_path):
     for n in before[m]:
       same = np.array_equal(before[m][n], after[m][n])
       assert same == (m != 'NFNet/~/linear'), (m, n)
+
+  # The same run's weights fine-tuned on an image folder of 3 classes (JPEG,
+  # PNG, grey, one corrupt file per split): the head follows the data's
+  # class count, and the eval counts every decodable val image once.
+  folder = str(tmp_path / 'images')
+  test_images.write_folder(folder)
+  g = _finetune_config()
+  with g.unlocked():
+    g.init.checkpoint = str(tmp_path / 'run1')
+    g.model.num_classes = None  # follow the data
+    g.data.name, g.data.data_dir = 'folder', folder
+    g.data.train_split, g.data.eval_split = 'train', 'val'
+    g.train.update(short)
+    g.train.eval_batch_size = 8  # 9 decodable val images: a padded batch
+    g.optim.warmup_epochs = 0.0
+  results = train_and_evaluate(g, str(tmp_path / 'ft_folder'))
+  assert results['eval/count'] == results['eval_ema/count'] == 9
+  head = C.load_pretrained(str(tmp_path / 'ft_folder'), 'F0', which='raw',
+                           model_kwargs=TINY)['NFNet/~/linear']
+  assert head['w'].shape[-1] == 3 and head['b'].shape == (3,)
+  with open(tmp_path / 'ft_folder' / 'config.json') as f:
+    assert '"num_classes": 3' in f.read()  # the resolved value is recorded

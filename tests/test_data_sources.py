@@ -10,7 +10,6 @@ import os
 
 import ml_collections
 import numpy as np
-from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -18,6 +17,7 @@ from nfnets import config as config_lib
 from nfnets import data
 from nfnets.data import folder as folder_lib
 from nfnets.data import preprocess
+import test_images
 
 NUM_TRAIN, NUM_TEST = 12, 5
 
@@ -31,25 +31,11 @@ def data_config(**kw) -> ml_collections.ConfigDict:
   return cfg
 
 
-def _photo(rng, h, w, channels=3):
-  """Smooth random image (JPEG-friendly, so JPEG ~ PNG after decoding)."""
-  low = rng.integers(0, 256, (4, 4, channels), dtype=np.uint8)
-  mode = 'L' if channels == 1 else 'RGB'
-  img = Image.fromarray(low[..., 0] if channels == 1 else low, mode)
-  return np.asarray(img.resize((w, h), Image.BILINEAR))
-
-
-def _encode(array, fmt, **kw):
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format=fmt, **kw)
-  return buf.getvalue()
-
-
 def _examples(split):
   rng = np.random.default_rng(0 if split == 'train' else 1)
   for i in range(NUM_TRAIN if split == 'train' else NUM_TEST):
     h, w = int(rng.integers(30, 50)), int(rng.integers(30, 50))
-    yield i, _photo(rng, h, w), int(rng.integers(0, 3))
+    yield i, test_images.photo(rng, h, w), int(rng.integers(0, 3))
 
 
 class NfnetsTestMulti(tfds.core.GeneratorBasedBuilder):
@@ -69,8 +55,8 @@ class NfnetsTestMulti(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split):
     for i, pic, label in _examples(split):
-      yield i, {'image': io.BytesIO(_encode(pic, 'JPEG', quality=98)),
-                'image_png': io.BytesIO(_encode(pic, 'PNG')),
+      yield i, {'image': io.BytesIO(test_images.encode(pic, 'JPEG', quality=98)),
+                'image_png': io.BytesIO(test_images.encode(pic, 'PNG')),
                 'label': label, 'coarse': label % 2}
 
 
@@ -89,7 +75,7 @@ class NfnetsTestGrey(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split):
     for i, pic, label in _examples(split):
-      yield i, {'picture': io.BytesIO(_encode(pic[..., 0], 'PNG')), 'category': label}
+      yield i, {'picture': io.BytesIO(test_images.encode(pic[..., 0], 'PNG')), 'category': label}
 
 
 class NfnetsTestDecoded(tfds.core.GeneratorBasedBuilder):
@@ -108,7 +94,7 @@ class NfnetsTestDecoded(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split):
     rng = np.random.default_rng(2)
     for i, _, label in _examples(split):
-      yield i, {'pixels': _photo(rng, 32, 32), 'label': label}
+      yield i, {'pixels': test_images.photo(rng, 32, 32), 'label': label}
 
 
 @pytest.fixture(scope='module')
@@ -221,48 +207,17 @@ def test_tfds_not_prepared_and_unknown(tmp_path):
 
 # ---------------------------------------------------------------------------
 # Image folder.
-CLASSES = ('cat', 'dog', 'zebra')
-
-
-def _write_folder(root, seed=0):
-  """train: 5 images per class (JPEG, PNG, upper-case extension, grey), one
-  corrupt file in train/dog; val: 3 per class, one corrupt in val/cat."""
-  rng = np.random.default_rng(seed)
-  for split, per_class in (('train', 5), ('val', 3)):
-    for c in CLASSES:
-      d = os.path.join(root, split, c)
-      os.makedirs(d)
-      for i in range(per_class):
-        pic = _photo(rng, int(rng.integers(30, 60)), int(rng.integers(30, 60)))
-        if i == 0:
-          payload, name = _encode(pic, 'PNG'), f'{c}{i}.png'
-        elif i == 1:
-          payload, name = _encode(pic, 'JPEG'), f'{c}{i}.JPEG'
-        elif i == 2:
-          payload, name = _encode(pic[..., 0], 'JPEG'), f'{c}{i}_grey.jpg'
-        else:
-          payload, name = _encode(pic, 'PNG'), f'{c}{i}.PNG'
-        with open(os.path.join(d, name), 'wb') as f:
-          f.write(payload)
-      with open(os.path.join(d, 'notes.txt'), 'w') as f:
-        f.write('not an image, ignored')
-  for path in (os.path.join(root, 'train', 'dog', 'broken.jpg'),
-               os.path.join(root, 'val', 'cat', 'broken.png')):
-    with open(path, 'wb') as f:
-      f.write(b'this is not an image' * 10)
-
-
 @pytest.fixture(scope='module')
 def image_folder(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('folder'))
-  _write_folder(root)
+  test_images.write_folder(root)
   return root
 
 
 def test_folder_splits_and_classes(image_folder):
   cfg = data_config(name='folder', data_dir=image_folder, eval_split='val')
   source = data.get_source(cfg)
-  assert source.classes == list(CLASSES) and data.num_classes(cfg) == 3
+  assert source.classes == list(test_images.CLASSES) and data.num_classes(cfg) == 3
   assert data.num_examples(cfg, 'train') == 16 and data.num_examples(cfg, 'val') == 10
   assert data.num_examples(cfg, 'validation') == 10
   assert data.num_examples(cfg, 'train[:50%]+val') == 18
@@ -281,7 +236,7 @@ def test_folder_eval_counts_each_decodable_image_once(image_folder, caplog):
   for i in range(10):
     path = source.path('val', i)
     if 'broken' not in path:
-      expect[folder_lib._path_id(os.path.relpath(path, image_folder))] = CLASSES.index(
+      expect[folder_lib._path_id(os.path.relpath(path, image_folder))] = test_images.CLASSES.index(
           os.path.basename(os.path.dirname(path)))
   with caplog.at_level(py_logging.WARNING):
     batches, iters = _eval(cfg, count=2)
@@ -324,7 +279,7 @@ def test_folder_train_batches_and_resume(image_folder, caplog):
 
 def test_folder_errors(tmp_path):
   root = str(tmp_path / 'ds')
-  _write_folder(root)
+  test_images.write_folder(root)
   os.rename(os.path.join(root, 'val', 'zebra'), os.path.join(root, 'val', 'horse'))
   with pytest.raises(ValueError, match=rf"{root}: the class folders of val/ differ.*"
                                        r"\['zebra'\].*\['horse'\]"):

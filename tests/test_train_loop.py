@@ -23,27 +23,32 @@ import train_utils  # noqa: E402
 REPO = train_utils.REPO
 
 
-def _load_config(path):
+def _load_config(path, arg=None):
   spec = importlib.util.spec_from_file_location('cfg', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg) if arg else module.get_config()
 
 
-@pytest.mark.parametrize('name', [f'f{i}' for i in range(8)] +
-                         ['nf_resnet50', 'demo'])
-def test_configs_load_and_build(name):
-  config = _load_config(os.path.join(REPO, 'configs', f'{name}.py'))
+@pytest.mark.parametrize('name,arg', [('f0', None)] +
+                         [('nfnet', f'F{i}') for i in range(1, 8)] +
+                         [('nf_resnet50', None), ('nf_regnet_b0', None),
+                          ('demo', None), ('finetune', None)])
+def test_configs_load_and_build(name, arg):
+  config = _load_config(os.path.join(REPO, 'configs', f'{name}.py'), arg)
   config_lib.validate(config, num_devices=8)
   assert config.is_locked
   with pytest.raises(AttributeError):
     config.train.batch_sise = 3  # locked: typos fail
+  classes = config.model.num_classes or 1000  # ImageNet when left to data
+  config = config_lib.resolve(config, classes)
+  config_lib.validate(config, num_devices=8)
   shapes = M.param_shapes(config.model.name, config.model.num_classes,
-                          **dict(config.model.kwargs))
+                          **config_lib.model_kwargs(config))
   assert shapes
-  if name.startswith('f'):
+  if name in ('f0', 'nfnet'):
     spec = M.get_variant(config.model.name)
-    assert config.model.name == name.upper()
+    assert config.model.name == (arg or 'F0')
     assert (config.data.image_size, config.data.eval_image_size) == (
         spec.train_size, spec.test_size)
     assert config.data.randaug == spec.randaug  # the variant's own level
