@@ -17,14 +17,16 @@ checkpoint; everything else is free. Fields used by the loop:
   init.checkpoint        required: released pickle (loaded without running
                          code), our .npz / orbax dir, or a training workdir
   init.params            'ema' | 'raw' (own checkpoints hold both)
-  init.reset_classifier  True: the classifier is re-initialised for
-                         model.num_classes (N(0, 0.01) weights, zero bias --
+  init.reset_classifier  True: the classifier is re-initialised for the
+                         target's classes (N(0, 0.01) weights, zero bias --
                          zero-mean, as in the paper); the rest is loaded
   train.freeze_body      True: only the classifier is trained
 
 The target task is the embedded digits dataset (10 classes, 32 px, no
-download); for another dataset override config.data.* and
-config.model.num_classes. Training uses the same loop and optimizer recipe
+download); for your own images override config.data.* (e.g.
+--config.data.name=folder --config.data.data_dir=DIR, see README "Fine-tune
+on your own images"); the classifier is sized from the dataset's classes
+(model.num_classes left unset). Training uses the same loop and optimizer recipe
 with fine-tuning settings: 10x lower learning rate than the demo, short
 warm-up, no MixUp/CutMix/RandAugment, a few epochs.
 """

@@ -186,8 +186,9 @@ def use_demo_model(config: ml_collections.ConfigDict) -> None:
 def use_digits(config: ml_collections.ConfigDict) -> None:
   """The embedded digits dataset (10 classes, 32 px, no download), without
   RandAugment / MixUp / CutMix (the pipeline's random crop only), at batch
-  64 with weight decay 5e-5 and the AGC threshold for that batch (0.08)."""
-  config.model.num_classes = 10
+  64 with weight decay 5e-5 and the AGC threshold for that batch (0.08).
+  model.num_classes stays unset: it follows the dataset (10 here), so
+  --config.data.name=... points the same config at other data."""
   config.data.name = 'digits'
   config.data.train_split = 'train'
   config.data.eval_split = 'test'

@@ -15,14 +15,12 @@ speed. Two settings fix it:
   ``mmap`` (glibc's per-thread arenas are limited to 64 MiB heaps). XLA's
   worker threads keep their own arenas, so they rarely contend for a lock.
 
-Measured on this project's 2-core CPU (F0, batch 8, 192 px, float32, whole
-training step, runs of the same hour): 0-300 page faults per step after the
-first; ~1.55 s per step with neither, 1.32-1.35 s with the earlier
-one-arena setting, 1.17-1.24 s with these two; compile 21 s -> 15 s.
-Costs: the process keeps its peak heap instead of returning freed memory to
-the OS, and a call to a compiled function returns when its result is ready
-(the host cannot queue the next step meanwhile; on a CPU backend the host
-and the step share the same cores anyway).
+The measurements behind this (faults per step, step and compile times
+before and after) are in docs/benchmarking.md. Costs: the process keeps its
+peak heap instead of returning freed memory to the OS, and a call to a
+compiled function returns when its result is ready (the host cannot queue
+the next step meanwhile; on a CPU backend the host and the step share the
+same cores anyway).
 
 Both must be in place before XLA's threads first allocate, so entry points
 call :func:`configure_cpu_runtime` before JAX starts its backend

@@ -120,10 +120,10 @@ def main(argv):
   # (nfnets/runtime.py).
   from nfnets import runtime
   cpu_runtime = runtime.configure_cpu_runtime()
-  # Hide the accelerator from TensorFlow: it only feeds the input pipeline.
+  # TensorFlow only feeds the input pipeline (nfnets.data keeps it off any
+  # accelerator); imported here so that its start-up notices are filtered.
   with native_info_hidden(config.train.log_level):
-    import tensorflow as tf
-    tf.config.set_visible_devices([], 'GPU')
+    import tensorflow  # noqa: F401  pylint: disable=unused-import
     import tensorflow_datasets as tfds
   if LEVELS[config.train.log_level] > py_logging.INFO:
     tfds.disable_progress_bar()

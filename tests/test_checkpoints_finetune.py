@@ -29,7 +29,7 @@ def test_config_fields():
   c = _finetune_config()
   assert c.init.checkpoint is None and c.init.params == 'ema'
   assert c.init.reset_classifier is True and c.train.freeze_body is False
-  assert c.data.name == 'digits' and c.model.num_classes == 10
+  assert c.data.name == 'digits' and c.model.num_classes is None  # the data's
   assert config_lib.model_kwargs(c)['width'] == TINY['width']  # configs/demo.py's
   c.init.checkpoint = '/some/run'  # settable from the command line
   with pytest.raises(AttributeError):

@@ -40,7 +40,7 @@ def test_configs_load_and_build(name, arg):
   assert config.is_locked
   with pytest.raises(AttributeError):
     config.train.batch_sise = 3  # locked: typos fail
-  classes = config.model.num_classes or 1000  # ImageNet when left to data
+  classes = 10 if config.data.name == 'digits' else 1000  # the dataset's
   config = config_lib.resolve(config, classes)
   config_lib.validate(config, num_devices=8)
   shapes = M.param_shapes(config.model.name, config.model.num_classes,

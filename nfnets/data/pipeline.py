@@ -397,11 +397,13 @@ class TrainIterator:
       if self._name_positions is not None:
         self.skipped = self._name_positions(self._missing)
     if first:
+      # A small dataset meets the same bad file once per epoch: name each once.
+      names = list(dict.fromkeys(self.skipped))
       logging.warning(
           'Train input %s: skipped %d undecodable image(s)%s (later skips are '
           'counted in the iterator\'s num_skipped and logged at INFO level).',
           self._name, self.num_skipped,
-          (': ' + ', '.join(self.skipped)) if self.skipped else '')
+          (': ' + ', '.join(names)) if names else '')
     else:
       logging.info('Train input %s: skipped %d undecodable image(s) so far.',
                    self._name, self.num_skipped)
@@ -518,6 +520,7 @@ class EvalIterator:
     self.num_examples = pieces_len(host_pieces)
     self.num_skipped = 0
     self.skipped: List[str] = []
+    self._warned = False
 
   def __len__(self):
     return self.num_batches
@@ -533,8 +536,11 @@ class EvalIterator:
     self.skipped = [self._source.describe(*splits_lib.locate(self._pieces, int(i)))
                     for i in missing]
     if self.num_skipped:
-      logging.warning(
-          'Eval split %s of %s: skipped %d undecodable image(s) of %d on this '
+      # Every pass (raw and EMA weights, each eval step of a run) reads the
+      # split again: warn on the first pass, later ones at INFO level.
+      log = logging.info if self._warned else logging.warning
+      self._warned = True
+      log('Eval split %s of %s: skipped %d undecodable image(s) of %d on this '
           'host: %s%s', self._split, self._source.name, self.num_skipped,
           self.num_examples, ', '.join(self.skipped[:5]),
           ', ...' if self.num_skipped > 5 else '')

@@ -106,14 +106,16 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
                  jax.process_count(), type(dp).__name__,
                  jnp.dtype(run.compute_dtype).name)
 
+  # One eval iterator for the run: each pass re-reads the split, and
+  # undecodable images are warned about once.
+  eval_batches = data.create_eval_iterator(
+      config.data, global_batch_size=cfg.eval_batch_size)
+
   def run_eval(step):
-    results, skipped = {}, 0
+    results = {}
     for prefix, params in (('eval', state.params),
                            ('eval_ema', state.ema_params)):
-      batches = data.create_eval_iterator(
-          config.data, global_batch_size=cfg.eval_batch_size)
-      totals = evaluate(dp, eval_step, params, batches)
-      skipped = batches.num_skipped
+      totals = evaluate(dp, eval_step, params, eval_batches)
       count = totals['count']
       results.update({f'{prefix}/top1': totals['top1'] / count,
                       f'{prefix}/top5': totals['top5'] / count,
@@ -125,8 +127,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
                    '(%d examples%s)', step, results['eval/top1'],
                    results['eval/top5'], results['eval_ema/top1'],
                    results['eval_ema/top5'], results['eval/count'],
-                   f'; {skipped} undecodable image(s) skipped on host 0'
-                   if skipped else '')
+                   f'; {eval_batches.num_skipped} undecodable image(s) '
+                   'skipped on host 0' if eval_batches.num_skipped else '')
     return results
 
   def log_train(step, window_sums, window_steps, seconds):
