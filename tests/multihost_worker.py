@@ -1,10 +1,12 @@
 """One process of a multi-process CPU training run (used by test_train_loop).
 
-  python tests/multihost_worker.py WORKDIR NUM_PROCESSES PROCESS_ID PORT DEVICES [EMULATE]
+  python tests/multihost_worker.py WORKDIR NUM_PROCESSES PROCESS_ID PORT DEVICES [EMULATE [BACKEND]]
 
 With EMULATE=N (single process only), the train batches are the
 concatenation of what N hosts with DEVICES/N devices each would read, so a
 1-process run sees exactly the global batches of an N-process run.
+BACKEND: 'pmap' (default), 'jit', or 'fsdp' (jit with the state sharded over
+the devices of all processes).
 """
 import os
 import sys
@@ -38,11 +40,14 @@ def _emulate_hosts(hosts):
 def main():
   workdir, nproc, pid, port, ndev = sys.argv[1:6]
   emulate = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+  backend = sys.argv[7] if len(sys.argv) > 7 else 'pmap'
   jax.config.update('jax_num_cpu_devices', int(ndev))
   if emulate:
     _emulate_hosts(emulate)
   config = train_utils.tiny_config(num_steps=4, batch_size=16)
   config.unlock()
+  config.parallel.backend = 'pmap' if backend == 'pmap' else 'jit'
+  config.parallel.fsdp = backend == 'fsdp'
   if int(nproc) > 1:
     config.distributed.initialize = 'always'
     config.distributed.coordinator_address = f'127.0.0.1:{port}'
@@ -53,6 +58,9 @@ def main():
   results = train_and_evaluate(config, workdir)
   assert jax.process_count() == int(nproc), jax.process_count()
   assert jax.device_count() == int(nproc) * int(ndev)
+  from nfnets.training import parallel
+  print('BACKEND', type(parallel.make(config.parallel)).__name__,
+        'fsdp' if config.parallel.fsdp else 'replicated')
   print('EVAL', results.get('eval/count'))
 
 

@@ -23,18 +23,28 @@ def tiny_overrides(num_steps=6, batch_size=16):
                                  'train.batch_size': batch_size})
 
 
-def tiny_config(num_steps=6, batch_size=16):
-  """configs/demo.py with tiny_overrides() applied."""
+def tiny_config(num_steps=6, batch_size=16, extra=None):
+  """configs/demo.py with tiny_overrides() applied, then `extra`
+  ({'parallel.backend': 'jit', ...}: dotted names, as on the command line)."""
   sys.path.insert(0, REPO)
   from configs import demo
   config = demo.get_config()
-  for key, value in tiny_overrides(num_steps, batch_size).items():
+  for key, value in dict(tiny_overrides(num_steps, batch_size),
+                         **(extra or {})).items():
     *parents, leaf = key.split('.')
     node = config
     for name in parents:
       node = node[name]
     node[leaf] = value
   return config
+
+
+def tiny_args(workdir, num_steps=6, batch_size=16, extra=None):
+  """Command-line arguments of `python -m nfnets.train` for the same config
+  as tiny_config(num_steps, batch_size, extra)."""
+  overrides = dict(tiny_overrides(num_steps, batch_size), **(extra or {}))
+  return (['--config=configs/demo.py', f'--workdir={workdir}'] +
+          [f'--config.{k}={v}' for k, v in overrides.items()])
 
 
 def run_train_subprocess(args, env_extra=None, **kwargs):

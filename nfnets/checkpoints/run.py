@@ -363,6 +363,19 @@ def _step_dir(path: epath.Path) -> epath.Path:
   return path / str(steps[-1])
 
 
+def _host_target(metadata):
+  """A restore target of host numpy placeholders for a saved tree.
+
+  Without a target orbax restores jax.Arrays with the shardings recorded at
+  save time, which fails ('Topology mismatch') wherever those devices do not
+  exist: a checkpoint of a jit/FSDP run over several processes, or of a GPU
+  run read on a CPU."""
+  tree = getattr(metadata, 'item_metadata', metadata)
+  tree = getattr(tree, 'tree', tree)
+  return jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype),
+                                                x.shape), tree)
+
+
 def restore_params(path: str, which: str = 'ema') -> Dict[str, Any]:
   """Reads the raw ('raw') or EMA ('ema') params of one run checkpoint
   (a workdir, its checkpoints/ dir or one step dir; the newest step), as host
@@ -372,7 +385,8 @@ def restore_params(path: str, which: str = 'ema') -> Dict[str, Any]:
   step_dir = _step_dir(epath.Path(path))
   key = 'ema_params' if which == 'ema' else 'params'
   with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(step_dir / 'state')
+    state = ckptr.restore(step_dir / 'state',
+                          _host_target(ckptr.metadata(step_dir / 'state')))
   if isinstance(state, (list, tuple)):  # written before the mapping layout
     state = dict(zip(STATE_FIELDS, state))
   return jax.tree.map(np.asarray, state[key])

@@ -1,0 +1,265 @@
+"""The training loop under the 'jit' (+ FSDP) backend at the run level:
+checkpoints cross backends, kill -9 and SIGTERM resume, several processes.
+
+All on the tiny digits config (tests/train_utils.py) over fake CPU devices.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from nfnets.checkpoints import run as checkpointing
+from nfnets.training.loop import train_and_evaluate
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_utils  # noqa: E402
+
+REPO = train_utils.REPO
+TOTAL = 12  # steps of the runs compared; checkpoints every 3
+RESUME_AT = 6  # a checkpoint kept by every run (keep_checkpoints=3)
+PMAP = {'parallel.backend': 'pmap', 'parallel.fsdp': False}
+FSDP = {'parallel.backend': 'jit', 'parallel.fsdp': True}
+
+
+_CACHE_OPTIONS = ('jax_compilation_cache_dir',
+                  'jax_persistent_cache_min_compile_time_secs',
+                  'jax_persistent_cache_min_entry_size_bytes')
+CACHE_ENV = {}  # for the subprocesses: the same cache
+
+
+def _reset_compilation_cache():
+  try:
+    from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+    compilation_cache.reset_cache()
+  except (ImportError, AttributeError):
+    pass
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for this module's runs, in this
+  process and in its subprocesses: the runs compile the same steps again and
+  again (compilation is most of a tiny run); a cached executable is the one
+  a fresh compilation would produce. Restored afterwards."""
+  cache = str(tmp_path_factory.mktemp('xla_cache'))
+  values = (cache, 0, 0)
+  saved = [getattr(jax.config, name) for name in _CACHE_OPTIONS]
+  for name, value in zip(_CACHE_OPTIONS, values):
+    jax.config.update(name, value)
+  _reset_compilation_cache()  # the cache is set up once, at first use
+  CACHE_ENV.update({name.upper(): str(value)
+                    for name, value in zip(_CACHE_OPTIONS, values)})
+  yield
+  CACHE_ENV.clear()
+  for name, value in zip(_CACHE_OPTIONS, saved):
+    jax.config.update(name, value)
+  _reset_compilation_cache()
+
+
+def _steps(workdir):
+  ckpts = os.path.join(workdir, 'checkpoints')
+  return sorted(int(s) for s in os.listdir(ckpts) if s.isdigit())
+
+
+def _state(workdir, step=None):
+  """The whole saved state (params, opt_state, ema_params, step, nonfinite)
+  of a checkpoint (default: the newest), as host numpy."""
+  step = _steps(workdir)[-1] if step is None else step
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  with ocp.StandardCheckpointer() as ckptr:
+    # Host numpy, whichever devices wrote it (see restore_params).
+    state = ckptr.restore(path, checkpointing._host_target(  # pylint: disable=protected-access
+        ckptr.metadata(path)))
+  return jax.tree.map(np.asarray, state)
+
+
+def _train_records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(l) for l in f]
+  return [r for r in records if 'train/loss' in r]
+
+
+def _assert_close(a, b, rtol, atol):
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def _assert_equal(a, b):
+  _assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """TOTAL steps, uninterrupted, under pmap and under jit + FSDP."""
+  root = tmp_path_factory.mktemp('uninterrupted')
+  runs = {}
+  for name, extra in (('pmap', PMAP), ('fsdp', FSDP)):
+    runs[name] = str(root / name)
+    train_and_evaluate(train_utils.tiny_config(TOTAL, extra=extra),
+                       runs[name])
+    assert _steps(runs[name]) == [6, 9, 12]
+  return runs
+
+
+def _resume_from_copy(src, step, dst, extra):
+  """Copies checkpoint `step` of run `src` into a fresh workdir and trains
+  it to TOTAL with `extra`'s backend."""
+  shutil.copytree(os.path.join(src, 'checkpoints', str(step)),
+                  os.path.join(dst, 'checkpoints', str(step)))
+  train_and_evaluate(train_utils.tiny_config(TOTAL, extra=extra), dst)
+  # Resumed (not restarted): only the steps after `step` were trained.
+  assert [r['step'] for r in _train_records(dst)] == list(
+      range(step + 2, TOTAL + 1, 2))
+  return _state(dst)
+
+
+def test_checkpoints_resume_across_backends(uninterrupted, tmp_path):
+  """A pmap checkpoint resumed under jit + FSDP (and the reverse) ends where
+  the uninterrupted runs end, params, EMA and optimizer state. Measured on
+  XLA:CPU (8 fake devices): bit-identical, all four comparisons, and the two
+  uninterrupted runs too; the tolerance allows for backends that reduce the
+  gradients over the devices in a different order (float32 round-off)."""
+  pmap_end = _state(uninterrupted['pmap'])
+  fsdp_end = _state(uninterrupted['fsdp'])
+  assert int(pmap_end['step']) == int(fsdp_end['step']) == TOTAL
+  to_fsdp = _resume_from_copy(uninterrupted['pmap'], RESUME_AT,
+                              str(tmp_path / 'pmap_to_fsdp'), FSDP)
+  to_pmap = _resume_from_copy(uninterrupted['fsdp'], RESUME_AT,
+                              str(tmp_path / 'fsdp_to_pmap'), PMAP)
+  for resumed, reference in ((to_fsdp, pmap_end), (to_pmap, fsdp_end),
+                             (to_fsdp, fsdp_end), (to_pmap, pmap_end)):
+    assert int(resumed['step']) == TOTAL
+    assert int(resumed['nonfinite']) == 0
+    # atol: leaves that are ~0 (fresh biases, momentum of near-zero grads).
+    _assert_close(resumed, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_kill_and_resume_under_fsdp_is_bit_exact(uninterrupted, tmp_path):
+  """`kill -9` after the first checkpoint, then rerun: the same state as the
+  uninterrupted jit + FSDP run, bit for bit (params, EMA, optimizer)."""
+  killed = str(tmp_path / 'killed')
+  proc = train_utils.run_train_subprocess(
+      train_utils.tiny_args(killed, TOTAL, extra=FSDP), env_extra=CACHE_ENV)
+  try:
+    deadline = time.time() + 400
+    first = os.path.join(killed, 'checkpoints', '3')
+    while not os.path.isdir(first) and proc.poll() is None:
+      assert time.time() < deadline, 'no checkpoint appeared'
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL, out[-3000:]
+  steps = _steps(killed)
+  assert steps and steps[-1] < TOTAL, steps  # killed mid-run
+  train_and_evaluate(train_utils.tiny_config(TOTAL, extra=FSDP), killed)
+  assert _steps(killed)[-1] == TOTAL
+  _assert_equal(_state(killed), _state(uninterrupted['fsdp']))
+
+
+def _wait_for_checkpoint_after(proc, workdir, step, timeout=400):
+  deadline = time.time() + timeout
+  while True:
+    ckpts = os.path.join(workdir, 'checkpoints')
+    if os.path.isdir(ckpts) and any(s > step for s in _steps(workdir)):
+      return
+    if proc.poll() is not None:
+      pytest.fail('exited before checkpointing: ' + proc.communicate()[0][-3000:])
+    assert time.time() < deadline, f'no checkpoint after step {step}'
+    time.sleep(0.05)
+
+
+def _sigterm(proc):
+  proc.send_signal(signal.SIGTERM)
+  try:
+    out, _ = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def test_sigterm_checkpoints_exits_zero_and_rerun_resumes(tmp_path):
+  """SIGTERM to `python -m nfnets.train` (jit + FSDP, async checkpoints):
+  it saves the step it reached, says so, exits 0; the same command again
+  resumes from that step (and a second SIGTERM stops it the same way)."""
+  workdir = str(tmp_path / 'run')
+  total = 100000  # never reached
+  args = train_utils.tiny_args(workdir, total, extra=dict(
+      FSDP, **{'train.async_checkpointing': True}))
+  stopped = []
+  for attempt in range(2):
+    proc = train_utils.run_train_subprocess(args, env_extra=CACHE_ENV)
+    _wait_for_checkpoint_after(proc, workdir, stopped[-1] if stopped else 0)
+    out = _sigterm(proc)
+    assert 'SIGTERM: checkpointed step' in out, out[-3000:]
+    step = int(out.split('SIGTERM: checkpointed step ')[1].split(';')[0])
+    assert _steps(workdir)[-1] == step < total
+    assert int(_state(workdir)['step']) == step
+    if attempt:
+      assert step > stopped[-1]
+      assert (f'Resumed from {os.path.join(workdir, "checkpoints")} at step '
+              f'{stopped[-1]}.') in out, out[-3000:]
+    else:
+      assert 'Resumed from' not in out
+      assert step >= 3
+    stopped.append(step)
+  # Train metrics: every 2 steps, none logged twice, the rerun's first log is
+  # the first even step after the first stop.
+  logged = [r['step'] for r in _train_records(workdir)]
+  assert logged == list(range(2, logged[-1] + 1, 2)), logged
+  assert logged[-1] <= stopped[-1]
+
+
+def _worker(workdir, nproc, pid, port, ndev, emulate, backend):
+  env = dict(os.environ, PYTHONPATH=REPO, **CACHE_ENV)
+  return subprocess.Popen(
+      [sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'),
+       workdir, str(nproc), str(pid), str(port), str(ndev), str(emulate),
+       backend],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_equal_one_process_under_fsdp(tmp_path):
+  """jit + FSDP over 2 processes x 2 devices (the state sharded across both
+  processes, each writing its shards of the checkpoint) trains the same
+  model as 1 process x 4 devices reading the same global batches."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
+  procs = [_worker(multi, 2, i, port, 2, 0, 'fsdp') for i in range(2)]
+  procs.append(_worker(single, 1, 0, 0, 4, 2, 'fsdp'))
+  try:
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+    assert 'BACKEND Jit fsdp' in out and 'EVAL 300.0' in out, out[-3000:]
+  a, b = _state(multi), _state(single)
+  assert int(a['step']) == int(b['step']) == 4
+  # Same data, same maths; only the all-reduce order differs.
+  _assert_close(a, b, rtol=1e-4, atol=1e-5)
+  # restore_params reads the checkpoint sharded over devices of 2 processes
+  # (devices this process does not have) as host numpy.
+  for which in ('raw', 'ema'):
+    _assert_equal(checkpointing.restore_params(multi, which),
+                  a['params' if which == 'raw' else 'ema_params'])
