@@ -146,13 +146,7 @@ def base_config(variant: str = 'F0') -> ml_collections.ConfigDict:
   # 'pmap' (one replica per device) | 'jit' (jit + shard_map over a mesh of
   # all devices; needed for fsdp).
   c.parallel.backend = 'pmap'
-  c.parallel.fsdp = False  # shard params / optimizer state (backend 'jit')
-
-  c.parallel = ml_collections.ConfigDict()
-  # How the steps use the devices (nfnets.training.parallel): 'pmap' (one
-  # replica per local device) or 'jit' (jit + shard_map over all devices).
-  c.parallel.backend = 'pmap'
-  c.parallel.fsdp = False  # 'jit' only: shard params/optimizer state/EMA
+  c.parallel.fsdp = False  # 'jit' only: shard params, optimizer state, EMA
 
   c.init = ml_collections.ConfigDict()
   # Start from weights: a released F*_haiku.npz, a safe .npz, or one of our
