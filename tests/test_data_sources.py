@@ -262,7 +262,8 @@ def test_folder_eval_counts_each_decodable_image_once(image_folder, caplog):
 
 
 def test_folder_train_batches_and_resume(image_folder, caplog):
-  cfg = data_config(name='folder', data_dir=image_folder, randaug='405')
+  cfg = data_config(name='folder', data_dir=image_folder, randaug='405',
+                    mixup_alpha=0.2, cutmix=True)
   kw = dict(global_batch_size=4, seed=0, process_index=0, process_count=1, with_ids=True)
   it = data.create_train_iterator(cfg, **kw)
   with caplog.at_level(py_logging.WARNING):

@@ -36,16 +36,14 @@ def _tx(batch, clipping=None):
 
 
 def _run(fwd, tx, params, images, labels, k, steps=2):
-  p_step = parallel.pmap_train_step(
-      step_lib.make_train_step(fwd, tx, grad_accum_steps=k,
-                               ema_decay=0.9),
-      devices=jax.local_devices()[:1])
-  state = parallel.replicate(state_lib.create(params, tx),
-                             jax.local_devices()[:1])
-  batch = {'images': images[None], 'labels': labels[None]}
+  dp = parallel.Pmap(devices=jax.local_devices()[:1])  # one device
+  p_step = dp.train_step(step_lib.make_train_step(
+      fwd, tx, grad_accum_steps=k, ema_decay=0.9))
+  state = dp.put_state(state_lib.create(params, tx))
+  batch = dp.put_batch_now({'images': images, 'labels': labels})
   for _ in range(steps):
     state, metrics = p_step(state, batch, jax.random.PRNGKey(1))
-  return parallel.unreplicate(state), parallel.unreplicate(metrics)
+  return dp.get_state(state), dp.fetch(metrics)
 
 
 def _close(a, b, rtol=1e-5, atol=1e-7):

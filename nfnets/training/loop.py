@@ -83,7 +83,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
                                      async_save=cfg.async_checkpointing)
   state, start_step = run.state, 0
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(dp.target_for_restore(state), run.meta)
+    try:
+      state = ckpt.restore(dp.target_for_restore(state), run.meta)
+    except BaseException:
+      ckpt.close()  # orbax's threads end before the error reaches the user
+      raise
     start_step = int(state.step)
     logging.info('Resumed from %s at step %d.', ckpt.directory, start_step)
   state = dp.put_state(state)
