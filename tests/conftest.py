@@ -7,4 +7,19 @@ _FLAGS = ('--xla_force_host_platform_device_count=8 '
 if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FLAGS).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+# One persistent XLA compilation cache for the whole session, in this process
+# and (through the environment) in the training subprocesses: the tests
+# compile the same tiny steps again and again, and compilation is most of a
+# tiny run. A cached executable is the one a fresh compilation produces.
+# An explicit JAX_COMPILATION_CACHE_DIR in the environment wins.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _CACHE = tempfile.mkdtemp(prefix='nfnets_test_xla_cache_')
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')

@@ -30,39 +30,9 @@ PMAP = {'parallel.backend': 'pmap', 'parallel.fsdp': False}
 FSDP = {'parallel.backend': 'jit', 'parallel.fsdp': True}
 
 
-_CACHE_OPTIONS = ('jax_compilation_cache_dir',
-                  'jax_persistent_cache_min_compile_time_secs',
-                  'jax_persistent_cache_min_entry_size_bytes')
-CACHE_ENV = {}  # for the subprocesses: the same cache
-
-
-def _reset_compilation_cache():
-  try:
-    from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-    compilation_cache.reset_cache()
-  except (ImportError, AttributeError):
-    pass
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """One persistent XLA compilation cache for this module's runs, in this
-  process and in its subprocesses: the runs compile the same steps again and
-  again (compilation is most of a tiny run); a cached executable is the one
-  a fresh compilation would produce. Restored afterwards."""
-  cache = str(tmp_path_factory.mktemp('xla_cache'))
-  values = (cache, 0, 0)
-  saved = [getattr(jax.config, name) for name in _CACHE_OPTIONS]
-  for name, value in zip(_CACHE_OPTIONS, values):
-    jax.config.update(name, value)
-  _reset_compilation_cache()  # the cache is set up once, at first use
-  CACHE_ENV.update({name.upper(): str(value)
-                    for name, value in zip(_CACHE_OPTIONS, values)})
-  yield
-  CACHE_ENV.clear()
-  for name, value in zip(_CACHE_OPTIONS, saved):
-    jax.config.update(name, value)
-  _reset_compilation_cache()
+# The suite-wide persistent compilation cache (tests/conftest.py) reaches the
+# subprocesses through the environment.
+CACHE_ENV = {}
 
 
 def _steps(workdir):
