@@ -2,28 +2,19 @@
 RandAugment on the mixed image (or before mixing when asked)."""
 import io
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 
-from nfnets import config as config_lib
 from nfnets import data
 from nfnets.data import mix
 from nfnets.data import preprocess
 from nfnets.data import randaugment as ra_lib
+from test_data_pipeline import data_config  # base_config().data + overrides
 
 SEED = tf.constant([3, 4], tf.int64)
 N = 64  # examples of the constant-colour source
-
-
-def data_config(**kw) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict(config_lib.base_config().data.to_dict())
-  cfg.num_classes = None
-  cfg.lock()
-  cfg.update(kw)
-  return cfg
 
 
 def _value(k):
