@@ -115,7 +115,8 @@ def _silence_restore_leftovers() -> None:
   orbax's closed asyncio loop, as an 'Exception ignored in ...' traceback
   (thousands of lines for a model). Those (and only those: orbax coroutines,
   'Event loop is closed') are logged at DEBUG instead. Installed once,
-  process-wide, and only once a restore has failed."""
+  process-wide, before the first restore (the reports can arrive while the
+  failing restore is still unwinding)."""
   import sys  # pylint: disable=g-import-not-at-top
   previous = sys.unraisablehook
   if getattr(previous, '_nfnets_filter', False):
@@ -128,6 +129,16 @@ def _silence_restore_leftovers() -> None:
     previous(unraisable)
   hook._nfnets_filter = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
+  # tensorstore's callback threads report the same 'Event loop is closed'
+  # through sys.excepthook (PyErr_Print), as a bare traceback.
+  previous_excepthook = sys.excepthook
+
+  def excepthook(etype, value, tb):
+    if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+      log.debug('Ignored after a failed restore: %s', value)
+      return
+    previous_excepthook(etype, value, tb)
+  sys.excepthook = excepthook
   # The same reads, when their task is collected: asyncio logs 'Task
   # exception was never retrieved' with the full traceback, and Python warns
   # that the coroutine was never awaited.
@@ -280,6 +291,9 @@ class RunCheckpointer:
       log.debug('Reading %s/meta failed', where, exc_info=e)
       return None, _short(e)
     check_meta(saved_meta, expected, where)
+    # Installed before the read: a failing read's other reads report from
+    # orbax's threads while the restore is still unwinding.
+    _silence_restore_leftovers()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(restore_target)))['state']
