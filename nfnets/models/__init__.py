@@ -10,7 +10,7 @@ from nfnets.models.flops import count_flops
 from nfnets.models.layers import (ACTIVATION_GAMMAS, CONV_LOWERINGS, Linear,
                                   SqueezeExcite, WSConv2D, activation_names,
                                   default_conv_lowering, get_activation,
-                                  stochastic_depth)
+                                  kernel_hook, stochastic_depth)
 from nfnets.models.nf_regnet import NFRegNet
 from nfnets.models.nf_resnet import NFResNet
 from nfnets.models.nfnet import NFBlock, NFNet

@@ -5,7 +5,9 @@ input, and compute in the dtype of their input. Feed bfloat16 images to get
 bfloat16 compute with float32 master weights (the fix for the original
 release, which created bfloat16 parameters when bf16 was on).
 """
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+import contextlib
+import contextvars
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import haiku as hk
 import jax
@@ -104,6 +106,32 @@ def default_conv_lowering(groups: int = 1) -> str:
   return 'xla'
 
 
+# fn(module, w, gain, standardize) -> kernel; see `kernel_hook`.
+KernelHook = Callable[['WSConv2D', jax.Array, jax.Array,
+                       Callable[[jax.Array, jax.Array], jax.Array]], jax.Array]
+_KERNEL_HOOK: contextvars.ContextVar[Optional[KernelHook]] = (
+    contextvars.ContextVar('nfnets_ws_kernel_hook', default=None))
+
+
+@contextlib.contextmanager
+def kernel_hook(fn: KernelHook) -> Iterator[None]:
+  """Within this context every WSConv2D gets its kernel from `fn`.
+
+  fn(module, w, gain, standardize) receives the module, its 'w' and 'gain'
+  exactly as hk.get_parameter returned them, and `standardize(w, gain)`, the
+  module's own standardisation (same lowering and eps); it returns the
+  kernel the convolution uses. Default (no hook): standardize(w, gain).
+  Uses: FSDP standardises each device's output-channel shard and gathers
+  the result; export substitutes kernels standardised once, ahead of time.
+  The hook must be active while the model is traced.
+  """
+  token = _KERNEL_HOOK.set(fn)
+  try:
+    yield
+  finally:
+    _KERNEL_HOOK.reset(token)
+
+
 class WSConv2D(hk.Module):
   """2-D convolution with scaled weight standardisation (NHWC, HWIO kernel).
 
@@ -157,15 +185,23 @@ class WSConv2D(hk.Module):
           f'{self.module_name}: channels in={in_channels} out='
           f'{self.output_channels} are not divisible by {groups} groups.')
     shape = self.kernel_shape + (in_channels // groups, self.output_channels)
-    fan_in = shape[0] * shape[1] * shape[2]
     w = hk.get_parameter(
         'w', shape, jnp.float32,
         init=hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal'))
     gain = hk.get_parameter('gain', (self.output_channels,), jnp.float32,
                             init=jnp.ones)
+    hook = _KERNEL_HOOK.get()
+    if hook is None:
+      return self.standardize(w, gain)
+    return hook(self, w, gain, self.standardize)
+
+  def standardize(self, w: jax.Array, gain: jax.Array) -> jax.Array:
+    """The scaled standardisation of an HWIO kernel `w` with per-output
+    `gain` (works on any slice of the output channels, with its gains)."""
     w = w.astype(jnp.float32)
     if self.lowering == 'cpu':
       return cpu_conv.standardize_by_matmul(w, gain, self.eps)
+    fan_in = w.shape[0] * w.shape[1] * w.shape[2]
     mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
     var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
     scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, self.eps)) * gain
