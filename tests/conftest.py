@@ -23,3 +23,18 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(scope='session')
+def tiny_pmap_run(tmp_path_factory):
+  """(workdir, results) of the tiny digits config (tests/train_utils.py) run
+  for train_utils.TOTAL steps under pmap, logging every step, checkpoints at
+  6, 9, 12. One run shared by the loop and fine-tuning tests; read-only."""
+  import train_utils  # pylint: disable=g-import-not-at-top
+  from nfnets.training.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('tiny_pmap_run'))
+  config = train_utils.tiny_config(extra={'train.log_every_steps': 1})
+  return workdir, train_and_evaluate(config, workdir)

@@ -11,6 +11,7 @@ import pytest
 import nfnets.checkpoints as C
 import nfnets.models as M
 import test_images
+import train_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=0.125, depth=(1, 1, 1, 1), group_size=16)
@@ -77,56 +78,43 @@ def test_reset_classifier_and_frozen_body_step(tmp_path):
       assert same == (m != 'NFNet/~/linear'), (m, n)
 
 
-def test_end_to_end_with_training_loop(tmp_path):
-  """A short demo run writes a checkpoint; configs/finetune.py starts from
-  its EMA params with a new classifier and a frozen body."""
+def test_end_to_end_with_training_loop(tiny_pmap_run, tmp_path):
+  """configs/finetune.py starts from a training run's EMA params (the shared
+  tiny demo run, 10 classes) with a new classifier and a frozen body, on an
+  image folder of 3 classes (JPEG, PNG, grey, one corrupt file per split):
+  the head follows the data's class count, the body stays the run's EMA
+  params, and the eval counts every decodable val image once."""
+  from nfnets import config as config_lib  # pylint: disable=g-import-not-at-top
   from nfnets.training.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      '_nfnets_demo_config', os.path.join(ROOT, 'configs', 'demo.py'))
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  short = dict(num_steps=3, eval_every_steps=0, checkpoint_every_steps=0,
-               async_checkpointing=False, batch_size=16, eval_batch_size=96)
-  c = demo.get_config()
-  with c.unlocked():
-    c.train.update(short)
-    c.optim.warmup_epochs = 0.0
-  train_and_evaluate(c, str(tmp_path / 'run1'))
-  before = C.load_pretrained(str(tmp_path / 'run1'), 'F0', model_kwargs=TINY)
-
-  f = _finetune_config()
-  with f.unlocked():
-    f.init.checkpoint = str(tmp_path / 'run1')
-    f.train.freeze_body = True
-    f.train.update(short)
-    f.optim.warmup_epochs = 0.0
-  results = train_and_evaluate(f, str(tmp_path / 'ft'))
-  assert results['eval/count'] == 300
-  after = C.load_pretrained(str(tmp_path / 'ft'), 'F0', which='raw',
-                            model_kwargs=TINY)
-  for m in before:
-    for n in before[m]:
-      same = np.array_equal(before[m][n], after[m][n])
-      assert same == (m != 'NFNet/~/linear'), (m, n)
-
-  # The same run's weights fine-tuned on an image folder of 3 classes (JPEG,
-  # PNG, grey, one corrupt file per split): the head follows the data's
-  # class count, and the eval counts every decodable val image once.
+  run, _ = tiny_pmap_run
+  tiny = config_lib.model_kwargs(train_utils.tiny_config())
+  before = C.load_pretrained(run, 'F0', model_kwargs=tiny)  # EMA params
   folder = str(tmp_path / 'images')
   test_images.write_folder(folder)
-  g = _finetune_config()
-  with g.unlocked():
-    g.init.checkpoint = str(tmp_path / 'run1')
-    g.model.num_classes = None  # follow the data
-    g.data.name, g.data.data_dir = 'folder', folder
-    g.data.train_split, g.data.eval_split = 'train', 'val'
-    g.train.update(short)
-    g.train.eval_batch_size = 8  # 9 decodable val images: a padded batch
-    g.optim.warmup_epochs = 0.0
+  # The tiny run's model and sizes (train_utils), a few steps.
+  tiny_model = {k: v for k, v in train_utils.tiny_overrides().items()
+                if k.startswith(('model.', 'data.'))}
+  g = train_utils.override(_finetune_config(), dict(tiny_model, **{
+      'init.checkpoint': run, 'train.freeze_body': True,
+      'model.num_classes': None,  # follow the data
+      'data.name': 'folder', 'data.data_dir': folder,
+      'data.train_split': 'train', 'data.eval_split': 'val',
+      'train.num_steps': 3, 'train.batch_size': 16,
+      'train.eval_every_steps': 0, 'train.checkpoint_every_steps': 0,
+      'train.async_checkpointing': False,
+      'train.eval_batch_size': 8,  # 9 decodable val images: a padded batch
+      'optim.warmup_epochs': 0.0}))
   results = train_and_evaluate(g, str(tmp_path / 'ft_folder'))
   assert results['eval/count'] == results['eval_ema/count'] == 9
-  head = C.load_pretrained(str(tmp_path / 'ft_folder'), 'F0', which='raw',
-                           model_kwargs=TINY)['NFNet/~/linear']
+  after = C.load_pretrained(str(tmp_path / 'ft_folder'), 'F0', which='raw',
+                            model_kwargs=tiny)
+  head = after['NFNet/~/linear']
   assert head['w'].shape[-1] == 3 and head['b'].shape == (3,)
+  assert before['NFNet/~/linear']['b'].shape == (10,)
+  assert set(after) == set(before)
+  for m in before:
+    if m != 'NFNet/~/linear':
+      for n in before[m]:
+        assert np.array_equal(before[m][n], after[m][n]), (m, n)
   with open(tmp_path / 'ft_folder' / 'config.json') as f:
     assert '"num_classes": 3' in f.read()  # the resolved value is recorded

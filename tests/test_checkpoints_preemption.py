@@ -53,22 +53,28 @@ def test_multihost_requires_distributed():
 
 def test_sigterm_on_one_host_stops_both_at_same_step(tmp_path):
   port = _free_port()
+  # Generous limits: on a loaded machine a process may take minutes to
+  # start, and one may reach a collective long before the other.
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if 'collective_call_terminate_timeout' not in f]
   env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE),
-             TF_CPP_MIN_LOG_LEVEL='3')
+             TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS=' '.join(
+                 flags + ['--xla_cpu_collective_call_terminate_timeout_'
+                          'seconds=600']))
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(HERE, 'preemption_worker.py'),
        str(tmp_path), '2', str(i), str(port)], env=env,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   try:
-    deadline = time.time() + 120
+    deadline = time.time() + 900
     while not all((tmp_path / f'ready_{i}').exists() for i in range(2)):
       assert time.time() < deadline, 'workers did not start'
       assert all(p.poll() is None for p in procs), [
           p.communicate()[0][-3000:] for p in procs]
       time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)  # only process 1 is preempted
-    outs = [p.communicate(timeout=120)[0] for p in procs]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:

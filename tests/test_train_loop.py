@@ -3,6 +3,7 @@ import glob
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from nfnets.checkpoints import run as checkpointing
 from nfnets.training.loop import train_and_evaluate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_images  # noqa: E402
 import train_utils  # noqa: E402
 
 REPO = train_utils.REPO
@@ -69,91 +71,105 @@ def test_bad_override_names_the_field(tmp_path):
   assert proc.returncode != 0 and 'config.model.name' in out and 'F9' in out
 
 
-def test_train_eval_logs_and_mismatch(tmp_path):
-  workdir = str(tmp_path / 'run')
-  results = train_and_evaluate(train_utils.tiny_config(num_steps=4), workdir)
+def _train_records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(l) for l in f]
+  return [r for r in records if 'train/loss' in r], [
+      r for r in records if 'eval/top1' in r]
+
+
+def _steps(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir,
+                                                         'checkpoints'))
+                if s.isdigit())
+
+
+TOTAL = train_utils.TOTAL
+
+
+def test_train_eval_logs_and_mismatch(tiny_pmap_run, tmp_path):
+  workdir, results = tiny_pmap_run
   # Every one of the 300 test digits counted exactly once (64-example eval
   # batches over 8 devices: the last batch is padded and masked).
   assert results['eval/count'] == 300 and results['eval_ema/count'] == 300
   assert 0 <= results['eval/top1'] <= results['eval/top5'] <= 1
-  records = [json.loads(l) for l in open(os.path.join(workdir,
-                                                      'metrics.jsonl'))]
-  train = [r for r in records if 'train/loss' in r]
-  evals = [r for r in records if 'eval/top1' in r]
-  assert [r['step'] for r in train] == [2, 4]
+  train, evals = _train_records(workdir)
+  assert [r['step'] for r in train] == list(range(1, TOTAL + 1))
   for key in ('train/loss', 'train/top1', 'train/lr', 'train/throughput',
               'train/grad_norm'):
     assert all(np.isfinite(r[key]) for r in train), key
   assert evals and {'eval/top5', 'eval_ema/top1'} <= set(evals[-1])
   assert json.load(open(os.path.join(workdir, 'config.json')))['model'][
       'name'] == 'F0'
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '4']
+  assert _steps(workdir) == [6, 9, 12]  # every 3 steps, the last 3 kept
   assert glob.glob(os.path.join(workdir, 'tb', '*'))
-  # The same workdir with another model fails clearly, and keeps the
-  # checkpoints.
-  other = train_utils.tiny_config(num_steps=6)
-  other.unlock()
-  other.model.kwargs.width = 0.125
+  # The same workdir with another model (here: another class count, on an
+  # image folder) fails clearly, and keeps the checkpoints.
+  copy = str(tmp_path / 'run')
+  shutil.copytree(os.path.join(workdir, 'checkpoints'),
+                  os.path.join(copy, 'checkpoints'))
+  folder = str(tmp_path / 'images')
+  test_images.write_folder(folder)
+  other = train_utils.tiny_config(extra={
+      'data.name': 'folder', 'data.data_dir': folder,
+      'data.train_split': 'train', 'data.eval_split': 'val'})
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match='different model'):
-    train_and_evaluate(other, workdir)
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '4']
+    train_and_evaluate(other, copy)
+  assert _steps(copy) == [6, 9, 12]
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path):
-  total = 9
-  base = str(tmp_path / 'uninterrupted')
-  train_and_evaluate(train_utils.tiny_config(num_steps=total), base)
-
+def test_resume_after_kill_equals_uninterrupted(tiny_pmap_run, tmp_path):
+  """kill -9 after the first checkpoint, then the same command again: the
+  same params and EMA as the uninterrupted run, bit for bit."""
+  base, _ = tiny_pmap_run
   killed = str(tmp_path / 'killed')
   # The same tiny config through command-line overrides.
-  args = ['--config=configs/demo.py', f'--workdir={killed}']
-  args += [f'--config.{k}={v}'
-           for k, v in train_utils.tiny_overrides(num_steps=total).items()]
-  proc = train_utils.run_train_subprocess(args)
-  deadline = time.time() + 400
-  first = os.path.join(killed, 'checkpoints', '3')
-  while not os.path.isdir(first) and proc.poll() is None:
-    assert time.time() < deadline, 'no checkpoint appeared'
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGKILL)
-  out, _ = proc.communicate()
-  assert proc.returncode == -signal.SIGKILL, out
-  steps = sorted(int(s) for s in os.listdir(os.path.join(killed,
-                                                         'checkpoints'))
-                 if s.isdigit())
-  assert steps and steps[-1] < total, steps  # killed mid-run
-  train_and_evaluate(train_utils.tiny_config(num_steps=total), killed)
-
+  proc = train_utils.run_train_subprocess(train_utils.tiny_args(
+      killed, extra={'train.log_every_steps': 1}))
+  try:
+    deadline = time.time() + 900
+    first = os.path.join(killed, 'checkpoints', '3')
+    while not os.path.isdir(first) and proc.poll() is None:
+      assert time.time() < deadline, 'no checkpoint appeared'
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL, out[-3000:]
+  steps = _steps(killed)
+  assert steps and steps[-1] < TOTAL, steps  # killed mid-run
+  train_and_evaluate(train_utils.tiny_config(
+      extra={'train.log_every_steps': 1}), killed)
+  assert _steps(killed)[-1] == TOTAL
   for which in ('raw', 'ema'):
     a = checkpointing.restore_params(base, which)
     b = checkpointing.restore_params(killed, which)
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_jit_fsdp_loop_equals_pmap_loop_and_averages_the_window(tmp_path):
+def test_jit_fsdp_loop_equals_pmap_loop_and_averages_the_window(
+    tiny_pmap_run, tmp_path):
   """The loop under config.parallel 'jit' + FSDP trains the same model as
   under 'pmap', and a log covers every step since the previous one."""
-  def run(name, backend, log_every):
-    config = train_utils.tiny_config(num_steps=3)
-    with config.unlocked():
-      config.parallel.backend = backend
-      config.parallel.fsdp = backend == 'jit'
-      config.train.log_every_steps = log_every
-      config.train.checkpoint_every_steps = 0
-    workdir = str(tmp_path / name)
-    results = train_and_evaluate(config, workdir)
-    records = [json.loads(l) for l in open(os.path.join(workdir,
-                                                        'metrics.jsonl'))]
-    return results, workdir, [r for r in records if 'train/loss' in r]
-
-  results_p, pmap_dir, per_step = run('pmap', 'pmap', 1)
-  results_j, jit_dir, window = run('jit', 'jit', 3)
-  assert [r['step'] for r in per_step] == [1, 2, 3]
-  assert [r['step'] for r in window] == [3]
-  for key in ('train/loss', 'train/top1', 'train/grad_norm'):
-    np.testing.assert_allclose(
-        window[0][key], np.mean([r[key] for r in per_step]), rtol=1e-5)
+  pmap_dir, results_p = tiny_pmap_run
+  jit_dir = str(tmp_path / 'jit')
+  # The config of test_train_scale's FSDP run (one compiled step for both)
+  # but logging every 3 steps.
+  results_j = train_and_evaluate(train_utils.tiny_config(extra={
+      'parallel.backend': 'jit', 'parallel.fsdp': True,
+      'train.log_every_steps': 3}), jit_dir)
+  per_step, _ = _train_records(pmap_dir)
+  window, _ = _train_records(jit_dir)
+  assert [r['step'] for r in per_step] == list(range(1, TOTAL + 1))
+  assert [r['step'] for r in window] == list(range(3, TOTAL + 1, 3))
+  for i, record in enumerate(window):
+    for key in ('train/loss', 'train/top1', 'train/grad_norm'):
+      np.testing.assert_allclose(
+          record[key], np.mean([r[key] for r in per_step[3 * i:3 * i + 3]]),
+          rtol=1e-5, err_msg=key)
   assert results_j['eval/count'] == results_p['eval/count'] == 300
   np.testing.assert_allclose(results_j['eval/loss'], results_p['eval/loss'],
                              rtol=1e-5)
@@ -164,29 +180,66 @@ def test_jit_fsdp_loop_equals_pmap_loop_and_averages_the_window(tmp_path):
                  checkpointing.restore_params(pmap_dir, which))
 
 
-def _worker(workdir, nproc, pid, port, ndev, emulate=0):
-  env = dict(os.environ, PYTHONPATH=REPO)
+# Two processes on a loaded machine start and compile at different speeds:
+# generous time limits, and the collectives' fast-fail timeout (conftest.py,
+# for in-process fake devices) raised for the workers.
+_WORKER_XLA_FLAGS = ' '.join(
+    f for f in os.environ.get('XLA_FLAGS', '').split()
+    if 'collective_call_terminate_timeout' not in f) + (
+        ' --xla_cpu_collective_call_terminate_timeout_seconds=600')
+
+
+def _worker(workdir, nproc, pid, port, ndev):
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=_WORKER_XLA_FLAGS)
   return subprocess.Popen(
       [sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'),
-       workdir, str(nproc), str(pid), str(port), str(ndev), str(emulate)],
+       workdir, str(nproc), str(pid), str(port), str(ndev)],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_processes_equal_one_process(tmp_path):
+def _emulated_hosts(single_host, hosts):
+  """create_train_iterator whose batches are the concatenation of what
+  `hosts` hosts read (the global batches of a `hosts`-process run)."""
+  def create_train_iterator(cfg, *, global_batch_size, seed, start_step=0,
+                            **kwargs):
+    kwargs = {k: v for k, v in kwargs.items()
+              if k not in ('process_index', 'process_count')}
+    its = [single_host(cfg, global_batch_size=global_batch_size, seed=seed,
+                       start_step=start_step, process_index=i,
+                       process_count=hosts, **kwargs) for i in range(hosts)]
+    while True:
+      parts = [next(it) for it in its]
+      yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return create_train_iterator
+
+
+def test_two_processes_equal_one_process(tmp_path, monkeypatch):
+  """2 processes x 2 devices (pmap) train the same model as this process
+  reading the same global batches."""
   import socket
+  from nfnets import data
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   multi = str(tmp_path / 'multi')
-  single = str(tmp_path / 'single')
   procs = [_worker(multi, 2, i, port, 2) for i in range(2)]
-  # The single process reads the same global batches as the two hosts.
-  procs.append(_worker(single, 1, 0, 0, 4, emulate=2))
-  outs = [p.communicate(timeout=600)[0] for p in procs]
+  try:
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   # Eval counted each of the 300 test examples once, on every process.
   assert all('EVAL 300.0' in out for out in outs), outs
+  # The reference, in this process (8 devices) after the workers ended:
+  # multihost_worker.py's config, the two hosts' batches concatenated.
+  monkeypatch.setattr(data, 'create_train_iterator',
+                      _emulated_hosts(data.create_train_iterator, 2))
+  single = str(tmp_path / 'single')
+  results = train_and_evaluate(train_utils.tiny_config(num_steps=4), single)
+  assert results['eval/count'] == 300
   # Same data, same maths; only the all-reduce order differs (float32
   # round-off, ~1e-6 on leaves whose values are ~1e-7, e.g. fresh biases).
   for which in ('raw', 'ema'):

@@ -8,6 +8,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # configs/demo.py shrunk to a few fast steps: a very small NFNet (stages of
 # 16/32/96/96 channels) at 16 px, checkpoints every 3 steps, synchronous.
+# Compiling is most of a tiny run: tests that train share one config (and
+# TOTAL steps, which the learning-rate schedule bakes into the compiled step)
+# so the session's persistent compilation cache (conftest.py) serves them.
 TINY_OVERRIDES = {
     'model.kwargs.width': 0.0625, 'model.kwargs.group_size': 8,
     'model.kwargs.drop_rate': 0.0, 'train.eval_batch_size': 64,
@@ -18,28 +21,37 @@ TINY_OVERRIDES = {
 }
 
 
-def tiny_overrides(num_steps=6, batch_size=16):
+TOTAL = 12  # steps of the shared tiny runs (checkpoints kept: 6, 9, 12)
+
+
+def tiny_overrides(num_steps=TOTAL, batch_size=16):
   return dict(TINY_OVERRIDES, **{'train.num_steps': num_steps,
                                  'train.batch_size': batch_size})
 
 
-def tiny_config(num_steps=6, batch_size=16, extra=None):
+def tiny_config(num_steps=TOTAL, batch_size=16, extra=None):
   """configs/demo.py with tiny_overrides() applied, then `extra`
   ({'parallel.backend': 'jit', ...}: dotted names, as on the command line)."""
   sys.path.insert(0, REPO)
   from configs import demo
-  config = demo.get_config()
-  for key, value in dict(tiny_overrides(num_steps, batch_size),
-                         **(extra or {})).items():
-    *parents, leaf = key.split('.')
-    node = config
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
+  return override(demo.get_config(),
+                  dict(tiny_overrides(num_steps, batch_size), **(extra or {})))
+
+
+def override(config, values):
+  """Sets {'train.batch_size': 16, ...} (dotted names, as on the command
+  line) on a locked config; returns it."""
+  with config.unlocked():
+    for key, value in values.items():
+      *parents, leaf = key.split('.')
+      node = config
+      for name in parents:
+        node = node[name]
+      node[leaf] = value
   return config
 
 
-def tiny_args(workdir, num_steps=6, batch_size=16, extra=None):
+def tiny_args(workdir, num_steps=TOTAL, batch_size=16, extra=None):
   """Command-line arguments of `python -m nfnets.train` for the same config
   as tiny_config(num_steps, batch_size, extra)."""
   overrides = dict(tiny_overrides(num_steps, batch_size), **(extra or {}))
