@@ -189,6 +189,9 @@ _WORKER_XLA_FLAGS = ' '.join(
         ' --xla_cpu_collective_call_terminate_timeout_seconds=600')
 
 
+WORKER_STEPS = 4  # multihost_worker.py's tiny_config(num_steps=4, ...)
+
+
 def _worker(workdir, nproc, pid, port, ndev):
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=_WORKER_XLA_FLAGS)
   return subprocess.Popen(
@@ -238,7 +241,8 @@ def test_two_processes_equal_one_process(tmp_path, monkeypatch):
   monkeypatch.setattr(data, 'create_train_iterator',
                       _emulated_hosts(data.create_train_iterator, 2))
   single = str(tmp_path / 'single')
-  results = train_and_evaluate(train_utils.tiny_config(num_steps=4), single)
+  results = train_and_evaluate(
+      train_utils.tiny_config(num_steps=WORKER_STEPS), single)
   assert results['eval/count'] == 300
   # Same data, same maths; only the all-reduce order differs (float32
   # round-off, ~1e-6 on leaves whose values are ~1e-7, e.g. fresh biases).

@@ -41,13 +41,12 @@ def tiny_config(num_steps=TOTAL, batch_size=16, extra=None):
 def override(config, values):
   """Sets {'train.batch_size': 16, ...} (dotted names, as on the command
   line) on a locked config; returns it."""
-  with config.unlocked():
-    for key, value in values.items():
-      *parents, leaf = key.split('.')
-      node = config
-      for name in parents:
-        node = node[name]
-      node[leaf] = value
+  for key, value in values.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
   return config
 
 
