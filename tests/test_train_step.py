@@ -134,7 +134,7 @@ def test_grad_and_param_norm_metrics():
     logits = fwd.apply(p, jax.random.fold_in(jax.random.fold_in(
         jax.random.PRNGKey(1), 0), 0), jnp.asarray(images), True)['logits']
     return jnp.mean(optax.softmax_cross_entropy(logits, jnp.asarray(labels)))
-  grads = jax.grad(loss_fn)(params)
+  grads = jax.jit(jax.grad(loss_fn))(params)  # one compile, not op by op
   g = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
                   for x in jax.tree.leaves(grads)))
   p = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
@@ -153,8 +153,8 @@ def test_eval_step_counts_with_mask():
   p_eval = dp.eval_step(step_lib.make_eval_step(fwd))
   batch = dp.put_batch_now({'images': images, 'labels': ids, 'mask': mask})
   sums = dp.fetch(p_eval(dp.put_state(params), batch))
-  logits = np.asarray(fwd.apply(params, None, jnp.asarray(images),
-                                False)['logits'])
+  logits = np.asarray(jax.jit(lambda p, x: fwd.apply(p, None, x, False))(
+      params, jnp.asarray(images))['logits'])
   top1 = ((logits.argmax(-1) == ids) * mask).sum()
   top5 = mask.sum()  # 5 classes: every label is in the top 5
   assert float(sums['count']) == 5.0
