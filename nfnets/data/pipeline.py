@@ -173,10 +173,12 @@ def build_train_dataset(data_config, *, global_batch_size: int, seed: int,
                         num_threads: Optional[int] = None) -> tf.data.Dataset:
   """The train tf.data.Dataset of host batches.
 
-  Elements: {'images' [B, S, S, 3] dtype, 'labels' float32 [B, C],
-  'pos' int64 [B, k] (stream positions of the k = 2 (mixing) or 1 raw
-  examples of each output; used to count skipped images), and with_ids
+  Elements with augment_on='host': {'images' [B, S, S, 3] dtype, 'labels'
+  float32 [B, C], 'pos' int64 [B, k] (stream positions of the k = 2 (mixing)
+  or 1 raw examples of each output; used to count skipped images), and with_ids
   'ids' int64 [B] (+ 'partner_ids' [B] when mixing)}; B = per-host batch.
+  With augment_on='device': the device batch of nfnets/data/device_augment.py
+  (uint8 raw images [B, k, S, S, 3], int labels [B, k], the draws) + 'pos'.
   """
   return _build_train(data_config, global_batch_size=global_batch_size, seed=seed,
                       start_step=start_step, process_index=process_index,
@@ -184,178 +186,307 @@ def build_train_dataset(data_config, *, global_batch_size: int, seed: int,
                       with_ids=with_ids, num_threads=num_threads)[0]
 
 
-def _build_train(data_config, *, global_batch_size, seed, start_step, process_index,
-                 process_count, source, with_ids, num_threads):
-  """(train dataset, name_positions: stream positions -> example names)."""
-  layout = get_layout(global_batch_size, process_index, process_count)
-  source = source or get_source(data_config)
-  n_classes = _check_classes(source, data_config)
-  image_size = _image_size(data_config, 'image_size')
-  split = data_config.train_split
-  pieces = resolve_split(source.split_infos, split, where=source.name)
-  total = pieces_len(pieces)
-  h_start, h_stop = train_host_range(total, layout.process_index, layout.process_count)
-  n_host = h_stop - h_start
-  if n_host <= 0:
-    raise ValueError(f'Split {split!r} ({total} examples) is too small for '
-                     f'{layout.process_count} processes.')
+@dataclasses.dataclass
+class _TrainPlan:
+  """A train pipeline's resolved settings (from the data config and layout)."""
+  layout: Layout
+  n_classes: int
+  image_size: int
+  mixup_alpha: float
+  use_cutmix: bool
+  randaug: Optional[tuple]  # (num_layers, magnitude) or None
+  ra_mode: str
+  ra_before_mix: bool
+  ra_after_mix: bool
+  smoothing: float
+  out_dtype: tf.DType
+  use_xla: bool
+  on_device: bool  # augment_on == 'device': ship raw images + draws
+
+  @property
+  def mixing(self) -> bool:
+    return bool(self.mixup_alpha or self.use_cutmix)
+
+  @property
+  def out_b(self) -> int:
+    return self.layout.per_host_batch
+
+  @property
+  def raw_b(self) -> int:
+    return 2 * self.out_b if self.mixing else self.out_b
+
+
+def _augment_on(data_config) -> bool:
+  """True for config.data.augment_on = 'device', False for 'host'."""
+  where = str(data_config.get('augment_on', 'host'))
+  if where not in ('device', 'host'):
+    raise ValueError(f"config.data.augment_on must be 'device' or 'host', got {where!r}.")
+  return where == 'device'
+
+
+def _train_plan(data_config, layout: Layout, source) -> _TrainPlan:
   mixup_alpha = float(data_config.mixup_alpha or 0.)
   use_cutmix = bool(data_config.cutmix)
   mixing = bool(mixup_alpha or use_cutmix)
-  out_b = layout.per_host_batch
-  raw_b = 2 * out_b if mixing else out_b
   randaug = preprocess.parse_randaug(data_config.randaug)
-  ra_mode = data_config.randaug_mode
-  ra_before_mix = bool(randaug) and (not mixing or bool(data_config.augment_before_mix))
-  ra_after_mix = bool(randaug) and not ra_before_mix
-  smoothing = float(data_config.label_smoothing or 0.)
-  out_dtype = _tf_dtype(data_config)
-  use_xla = bool(data_config.xla)
+  ra_before = bool(randaug) and (not mixing or bool(data_config.augment_before_mix))
+  return _TrainPlan(
+      layout=layout, n_classes=_check_classes(source, data_config),
+      image_size=_image_size(data_config, 'image_size'), mixup_alpha=mixup_alpha,
+      use_cutmix=use_cutmix, randaug=randaug, ra_mode=data_config.randaug_mode,
+      ra_before_mix=ra_before, ra_after_mix=bool(randaug) and not ra_before,
+      smoothing=float(data_config.label_smoothing or 0.),
+      out_dtype=_tf_dtype(data_config), use_xla=bool(data_config.xla),
+      on_device=_augment_on(data_config))
 
-  num_chunks = int(data_config.num_chunks or 0) or int(np.clip(n_host // 10000, 1, 64))
-  num_chunks = max(1, min(num_chunks, n_host))
-  chunk_ranges = splits_lib.even_ranges(n_host, num_chunks)
-  chunks = []
-  for a, b in chunk_ranges:
-    ds = source.read(slice_pieces(pieces, h_start + a, h_start + b))
-    chunks.append(ds.cache() if data_config.cache else ds)
-  chunk_sizes = tf.constant([b - a for a, b in chunk_ranges], tf.int64)
-  shuffle_buffer = data_config.shuffle_buffer
-  shuffle_buffer = 10 * out_b if shuffle_buffer is None else int(shuffle_buffer)
-  shuffle_buffer = min(shuffle_buffer, n_host)
 
-  seed = int(seed)
-  key = tf.constant([seed, layout.process_index], tf.int64)
-  # Independent keys: epoch order, examples, batches (mixing), post-mix RA.
-  order_key, example_key, batch_key, ra_key = [
-      tf.random.experimental.stateless_split(key, 4)[i] for i in range(4)]
-  shuffle_base = int(seed % (2 ** 31)) * 1_000_003 + layout.process_index * 7919
+def _stream_keys(seed: int, process_index: int):
+  """Independent stateless keys: epoch order, examples, batches (mixing),
+  post-mix RandAugment."""
+  key = tf.constant([int(seed), process_index], tf.int64)
+  keys = tf.random.experimental.stateless_split(key, 4)
+  return dict(zip(('order', 'example', 'batch', 'ra'), [keys[i] for i in range(4)]))
 
-  @_no_autograph
-  def epoch_dataset(epoch):
+
+class _EpochStream:
+  """This host's records in stream order: the host's range cut into chunks,
+  each epoch's chunk order a function of (seed, process, epoch), then a
+  seeded shuffle buffer (see the module doc)."""
+
+  def __init__(self, source, data_config, plan: _TrainPlan, seed: int, order_key):
+    layout = plan.layout
+    self.source = source
+    split = data_config.train_split
+    pieces = resolve_split(source.split_infos, split, where=source.name)
+    total = pieces_len(pieces)
+    h_start, h_stop = train_host_range(total, layout.process_index, layout.process_count)
+    self.n_host = n_host = h_stop - h_start
+    if n_host <= 0:
+      raise ValueError(f'Split {split!r} ({total} examples) is too small for '
+                       f'{layout.process_count} processes.')
+    num_chunks = int(data_config.num_chunks or 0) or int(np.clip(n_host // 10000, 1, 64))
+    self.num_chunks = max(1, min(num_chunks, n_host))
+    ranges = splits_lib.even_ranges(n_host, self.num_chunks)
+    self.chunks = []
+    for a, b in ranges:
+      ds = source.read(slice_pieces(pieces, h_start + a, h_start + b))
+      self.chunks.append(ds.cache() if data_config.cache else ds)
+    self.chunk_sizes = tf.constant([b - a for a, b in ranges], tf.int64)
+    buffer = data_config.shuffle_buffer
+    buffer = 10 * plan.out_b if buffer is None else int(buffer)
+    self.shuffle_buffer = min(buffer, n_host)
+    self.order_key = order_key
+    self.shuffle_base = int(seed % (2 ** 31)) * 1_000_003 + layout.process_index * 7919
+
+  def epoch(self, epoch):
     epoch = tf.cast(epoch, tf.int64)
-    if num_chunks > 1:
+    if self.num_chunks > 1:
       perm = tf.random.experimental.stateless_shuffle(
-          tf.range(num_chunks, dtype=tf.int64),
-          seed=tf.random.experimental.stateless_fold_in(order_key, epoch))
+          tf.range(self.num_chunks, dtype=tf.int64),
+          seed=tf.random.experimental.stateless_fold_in(self.order_key, epoch))
       choice = tf.data.Dataset.from_tensor_slices(
-          (perm, tf.gather(chunk_sizes, perm))).flat_map(
+          (perm, tf.gather(self.chunk_sizes, perm))).flat_map(
               lambda c, n: tf.data.Dataset.from_tensors(c).repeat(n))
-      ds = tf.data.Dataset.choose_from_datasets(chunks, choice)
+      ds = tf.data.Dataset.choose_from_datasets(self.chunks, choice)
     else:
-      ds = chunks[0]
-    if shuffle_buffer > 1:
-      ds = ds.shuffle(shuffle_buffer, seed=shuffle_base + epoch * 104_729,
+      ds = self.chunks[0]
+    if self.shuffle_buffer > 1:
+      ds = ds.shuffle(self.shuffle_buffer, seed=self.shuffle_base + epoch * 104_729,
                       reshuffle_each_iteration=False)
     return ds
 
-  def raw_stream(from_pos: int) -> tf.data.Dataset:
+  def from_position(self, from_pos: int) -> tf.data.Dataset:
     """(stream position, undecoded record) from position `from_pos` on."""
-    first_epoch, offset = divmod(from_pos, n_host)
-    ds = epoch_dataset(first_epoch).skip(offset).concatenate(
-        tf.data.Dataset.range(first_epoch + 1, _BIG).flat_map(epoch_dataset))
+    first_epoch, offset = divmod(from_pos, self.n_host)
+    epoch = _no_autograph(self.epoch)
+    ds = epoch(first_epoch).skip(offset).concatenate(
+        tf.data.Dataset.range(first_epoch + 1, _BIG).flat_map(epoch))
     return ds.enumerate(start=from_pos)
 
-  def name_positions(positions: List[int]) -> List[str]:
+  def names(self, positions: List[int]) -> List[str]:
     """Names of the examples at these stream positions, replayed from the
     undecoded stream: only for sources whose records are cheap to read."""
-    if not positions or not source.cheap_read:
+    if not positions or not self.source.cheap_read:
       return []
     lo, hi = min(positions), max(positions)
     wanted, names = set(positions), []
-    for pos, ex in raw_stream(lo).take(hi - lo + 1).as_numpy_iterator():
+    for pos, ex in self.from_position(lo).take(hi - lo + 1).as_numpy_iterator():
       if pos in wanted:
-        names.append(source.describe_record(ex['record'], ex['id']))
+        names.append(self.source.describe_record(ex['record'], ex['id']))
     return names
 
-  start_pos = int(start_step) * raw_b
-  ds = raw_stream(start_pos)
+
+def _raw_examples(ds, plan: _TrainPlan, source, data_config, example_key):
+  """(pos, record) -> decoded, cropped, resized, flipped uint8 raw examples;
+  host path: RandAugmented before mixing if so configured, one-hot labels;
+  device path: int labels and, before mixing, the RandAugment draws."""
+  size = plan.image_size
 
   @_no_autograph
   def decode(pos, ex):
     seed_ = tf.random.experimental.stateless_fold_in(example_key, pos)
     s_crop = preprocess.split_seed(seed_, 3)[0]
-    decoded = source.decode_train(ex['record'], s_crop, image_size, data_config)
+    decoded = source.decode_train(ex['record'], s_crop, size, data_config)
     return {'decoded': decoded, 'label': ex['label'], 'id': ex['id'], 'pos': pos}
 
   @_no_autograph
   def augment(ex):
     seed_ = tf.random.experimental.stateless_fold_in(example_key, ex['pos'])
     s_aug, s_ra = tf.unstack(preprocess.split_seed(seed_, 3)[1:])
-    image = source.augment_train(ex['decoded'], s_aug, image_size, data_config)
-    image = preprocess.to_uint8(image)
-    if ra_before_mix:
-      image = ra_lib.randaugment(image, s_ra, randaug[0], randaug[1], ra_mode)
-    image = tf.ensure_shape(image, [image_size, image_size, 3])
-    label = preprocess.one_hot_smoothed(ex['label'], n_classes, smoothing)
-    return {'images': image, 'labels': label, 'pos': ex['pos'], 'id': ex['id']}
+    image = source.augment_train(ex['decoded'], s_aug, size, data_config)
+    image = tf.ensure_shape(preprocess.to_uint8(image), [size, size, 3])
+    out = {'pos': ex['pos'], 'id': ex['id']}
+    if plan.on_device:
+      out['labels'] = tf.cast(ex['label'], tf.int32)
+      if plan.ra_before_mix:
+        out.update(_ra_draws(s_ra, plan))
+    else:
+      if plan.ra_before_mix:
+        image = ra_lib.randaugment(image, s_ra, plan.randaug[0], plan.randaug[1],
+                                   plan.ra_mode)
+      out['labels'] = preprocess.one_hot_smoothed(ex['label'], plan.n_classes,
+                                                  plan.smoothing)
+    out['images'] = tf.ensure_shape(image, [size, size, 3])
+    return out
 
   ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors(log_warning=False)
-  ds = ds.map(augment, num_parallel_calls=AUTOTUNE, deterministic=True)
-  ds = ds.batch(raw_b, drop_remainder=True)
-  ds = ds.enumerate(start=int(start_step))
+  return ds.map(augment, num_parallel_calls=AUTOTUNE, deterministic=True)
 
-  first_idx, second_idx = mix_lib.pair_indices(out_b, mixup_alpha, use_cutmix)
+
+def _ra_draws(seed, plan: _TrainPlan):
+  ops, signs, cuts = ra_lib.draw_params(seed, plan.randaug[0], plan.image_size,
+                                        plan.image_size)
+  return {'ra_op': ops, 'ra_sign': signs, 'ra_cut': cuts}
+
+
+def _host_batches(ds, plan: _TrainPlan, keys, with_ids: bool):
+  """Raw examples -> finished host batches (the host path): mixing, uint8
+  truncation + RandAugment after mixing, normalisation."""
+  out_b, size = plan.out_b, plan.image_size
+  first_idx, second_idx = mix_lib.pair_indices(out_b, plan.mixup_alpha, plan.use_cutmix)
 
   def mix_fn(images, labels, lam, box):
     images, labels = mix_lib.apply_params(
-        images, labels, {'lam': lam, 'box': box}, mixup_alpha, use_cutmix)
-    if ra_after_mix:
+        images, labels, {'lam': lam, 'box': box}, plan.mixup_alpha, plan.use_cutmix)
+    if plan.ra_after_mix:
       return _mixed_to_uint8(images), labels
-    return tf.cast(preprocess.normalize(images), out_dtype), labels
+    return tf.cast(preprocess.normalize(images), plan.out_dtype), labels
 
   def normalize_fn(images):
-    return tf.cast(preprocess.normalize(images), out_dtype)
+    return tf.cast(preprocess.normalize(images), plan.out_dtype)
 
-  mix_fn = _maybe_xla(mix_fn, use_xla)
-  normalize_fn = _maybe_xla(normalize_fn, use_xla)
+  mix_fn = _maybe_xla(mix_fn, plan.use_xla)
+  normalize_fn = _maybe_xla(normalize_fn, plan.use_xla)
 
   @_no_autograph
   def finalize(step, batch):
     """Raw batch [raw_b] -> outputs [out_b] (mixed; normalised unless RA follows)."""
-    if mixing:
+    if plan.mixing:
       params = mix_lib.sample_params(
-          tf.random.experimental.stateless_fold_in(batch_key, step), out_b,
-          image_size, image_size, mixup_alpha, use_cutmix)
+          tf.random.experimental.stateless_fold_in(keys['batch'], step), out_b,
+          size, size, plan.mixup_alpha, plan.use_cutmix)
       images, labels = mix_fn(batch['images'], batch['labels'], params['lam'],
                               params['box'])
-      pos = tf.stack([tf.gather(batch['pos'], first_idx),
-                      tf.gather(batch['pos'], second_idx)], axis=1)
-      out = {'images': images, 'labels': labels, 'pos': pos}
-      if with_ids:
-        out['ids'] = tf.gather(batch['id'], first_idx)
-        out['partner_ids'] = tf.gather(batch['id'], second_idx)
+      out = {'images': images, 'labels': labels}
     else:
-      out = {'images': normalize_fn(batch['images']), 'labels': batch['labels'],
-             'pos': batch['pos'][:, None]}
-      if with_ids:
-        out['ids'] = batch['id']
-    if ra_after_mix:
+      out = {'images': normalize_fn(batch['images']), 'labels': batch['labels']}
+    out.update(_pos_and_ids(batch, plan, first_idx, second_idx, with_ids))
+    if plan.ra_after_mix:
       out['out_pos'] = step * out_b + tf.range(out_b, dtype=tf.int64)
     return out
 
   ds = ds.map(finalize, num_parallel_calls=AUTOTUNE, deterministic=True)
+  if not plan.ra_after_mix:
+    return ds
 
-  if ra_after_mix:
-    @_no_autograph
-    def post_mix_randaugment(ex):
-      s_ra = tf.random.experimental.stateless_fold_in(ra_key, ex.pop('out_pos'))
-      image = ra_lib.randaugment(ex['images'], s_ra, randaug[0], randaug[1], ra_mode)
-      ex['images'] = tf.ensure_shape(image, [image_size, image_size, 3])
-      return ex
+  @_no_autograph
+  def post_mix_randaugment(ex):
+    s_ra = tf.random.experimental.stateless_fold_in(keys['ra'], ex.pop('out_pos'))
+    image = ra_lib.randaugment(ex['images'], s_ra, plan.randaug[0], plan.randaug[1],
+                               plan.ra_mode)
+    ex['images'] = tf.ensure_shape(image, [size, size, 3])
+    return ex
 
-    @_no_autograph
-    def normalize_batch(batch):
-      return dict(batch, images=normalize_fn(batch['images']))
+  @_no_autograph
+  def normalize_batch(batch):
+    return dict(batch, images=normalize_fn(batch['images']))
 
-    ds = ds.unbatch().map(post_mix_randaugment, num_parallel_calls=AUTOTUNE,
-                          deterministic=True)
-    ds = ds.batch(out_b, drop_remainder=True)
-    ds = ds.map(normalize_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.unbatch().map(post_mix_randaugment, num_parallel_calls=AUTOTUNE,
+                        deterministic=True)
+  ds = ds.batch(out_b, drop_remainder=True)
+  return ds.map(normalize_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
 
+
+def _pos_and_ids(batch, plan: _TrainPlan, first_idx, second_idx, with_ids: bool):
+  """'pos' [B, k] (+ 'ids', 'partner_ids') of the outputs of a raw batch."""
+  if not plan.mixing:
+    out = {'pos': batch['pos'][:, None]}
+    if with_ids:
+      out['ids'] = batch['id']
+    return out
+  out = {'pos': tf.stack([tf.gather(batch['pos'], first_idx),
+                          tf.gather(batch['pos'], second_idx)], axis=1)}
+  if with_ids:
+    out['ids'] = tf.gather(batch['id'], first_idx)
+    out['partner_ids'] = tf.gather(batch['id'], second_idx)
+  return out
+
+
+def _device_batches(ds, plan: _TrainPlan, keys, with_ids: bool, start_step: int):
+  """Raw examples -> device batches (device_augment.py): each output row's
+  raw uint8 image(s) and int labels, the mixing parameters and RandAugment
+  draws of the host path (same keys), nothing per-pixel."""
+  out_b, size = plan.out_b, plan.image_size
+  first_idx, second_idx = mix_lib.pair_indices(out_b, plan.mixup_alpha, plan.use_cutmix)
+  per_row = ['images', 'labels'] + (['ra_op', 'ra_sign', 'ra_cut']
+                                    if plan.ra_before_mix else [])
+
+  @_no_autograph
+  def finalize(step, batch):
+    if plan.mixing:
+      out = {k: tf.stack([tf.gather(batch[k], first_idx), tf.gather(batch[k], second_idx)],
+                         axis=1) for k in per_row}
+      out.update(mix_lib.sample_params(
+          tf.random.experimental.stateless_fold_in(keys['batch'], step), out_b,
+          size, size, plan.mixup_alpha, plan.use_cutmix))
+    else:
+      out = {k: batch[k][:, None] for k in per_row}
+    out.update(_pos_and_ids(batch, plan, first_idx, second_idx, with_ids))
+    return out
+
+  ds = ds.map(finalize, num_parallel_calls=AUTOTUNE, deterministic=True)
+  if not plan.ra_after_mix:
+    return ds
+
+  @_no_autograph
+  def draws(out_pos):
+    return _ra_draws(tf.random.experimental.stateless_fold_in(keys['ra'], out_pos), plan)
+
+  # The post-mix draws of output o = step * out_b + row, keyed as the host path.
+  ra = tf.data.Dataset.range(int(start_step) * out_b, _BIG).map(
+      draws, num_parallel_calls=AUTOTUNE, deterministic=True).batch(out_b)
+  return tf.data.Dataset.zip(ds, ra).map(lambda a, b: dict(a, **b))
+
+
+def _build_train(data_config, *, global_batch_size, seed, start_step, process_index,
+                 process_count, source, with_ids, num_threads):
+  """(train dataset, name_positions: stream positions -> example names)."""
+  layout = get_layout(global_batch_size, process_index, process_count)
+  source = source or get_source(data_config)
+  plan = _train_plan(data_config, layout, source)
+  keys = _stream_keys(seed, layout.process_index)
+  stream = _EpochStream(source, data_config, plan, int(seed), keys['order'])
+  ds = stream.from_position(int(start_step) * plan.raw_b)
+  ds = _raw_examples(ds, plan, source, data_config, keys['example'])
+  ds = ds.batch(plan.raw_b, drop_remainder=True)
+  ds = ds.enumerate(start=int(start_step))
+  if plan.on_device:
+    ds = _device_batches(ds, plan, keys, with_ids, start_step)
+  else:
+    ds = _host_batches(ds, plan, keys, with_ids)
   ds = ds.prefetch(AUTOTUNE)
-  return ds.with_options(_options(num_threads)), name_positions
+  return ds.with_options(_options(num_threads)), stream.names
 
 
 class TrainIterator:
