@@ -120,3 +120,83 @@ def test_mixup_cutmix_match_host():
   lab = np.stack([labels.numpy()[first], labels.numpy()[second]], 1)
   np.testing.assert_allclose(dev.mix_labels(jnp.asarray(lab), lam, box, 40, 48),
                              host_labels.numpy(), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Whole batches: host path vs device path, and both parallel backends.
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory):
+  from nfnets.data import digits  # pylint: disable=g-import-not-at-top
+  d = str(tmp_path_factory.mktemp('tfds'))
+  digits.prepare(d)
+  return d
+
+
+def _cfg(digits_dir, **kw):
+  from test_data_pipeline import data_config  # pylint: disable=g-import-not-at-top
+  base = dict(name='digits', data_dir=digits_dir, train_split='train', image_size=32,
+              randaug='405', mixup_alpha=0.2, cutmix=True, label_smoothing=0.1,
+              shuffle_buffer=64, num_classes=10)
+  base.update(kw)
+  return data_config(**base)
+
+
+def _batches(cfg, n, start_step=0):
+  from nfnets import data  # pylint: disable=g-import-not-at-top
+  it = data.create_train_iterator(cfg, global_batch_size=16, seed=3, process_index=0,
+                                  process_count=1, start_step=start_step)
+  return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize('recipe', [
+    dict(),                                            # the F0 recipe (RA after mixing)
+    dict(augment_before_mix=True, dtype='bfloat16'),   # RA on each raw image
+    dict(mixup_alpha=0.0, cutmix=False, randaug='215', randaug_mode='increasing'),
+])
+def test_device_path_equals_host_path(digits_dir, recipe):
+  host = _batches(_cfg(digits_dir, **recipe), 2, start_step=1)
+  device_cfg = _cfg(digits_dir, augment_on='device', **recipe)
+  raw = _batches(device_cfg, 2, start_step=1)
+  transform = jax.jit(dev.make_batch_transform(device_cfg))
+  std = np.array(dev.preprocess.STDDEV_RGB, np.float32)
+  for h, r in zip(host, raw):
+    d = transform({k: v for k, v in r.items()})
+    assert d['images'].dtype == h['images'].dtype and d['images'].shape == h['images'].shape
+    levels = np.abs(np.asarray(d['images'], np.float32) - np.asarray(h['images'], np.float32)) * std
+    tol = 1.01 if recipe.get('dtype') != 'bfloat16' else 1.01 + 0.01 * 255
+    assert np.mean(levels <= tol) >= 0.999, np.mean(levels <= tol)
+    np.testing.assert_allclose(d['labels'], h['labels'], atol=1e-6)
+
+
+def test_backends_see_the_same_batches(digits_dir):
+  """The transform inside the per-device step: pmap and jit+shard_map give
+  the batch the host path gives (per-device sums, summed over devices)."""
+  from nfnets.training import parallel  # pylint: disable=g-import-not-at-top
+  device_cfg = _cfg(digits_dir, augment_on='device')
+  raw = _batches(device_cfg, 1)[0]
+  host = _batches(_cfg(digits_dir), 1)[0]
+  transform = dev.make_batch_transform(device_cfg)
+
+  def step(state, batch, rng):
+    del rng
+    sums = {k: jax.lax.psum(jnp.sum(v.astype(jnp.float32) * (1 + jnp.arange(v.shape[0])[
+        (...,) + (None,) * (v.ndim - 1)] + jax.lax.axis_index(parallel.AXIS) * v.shape[0])),
+                            parallel.AXIS) for k, v in batch.items()}
+    return state, sums
+
+  wrapped = dev.with_batch_transform(step, transform)
+  rows = np.arange(16, dtype=np.float32) + 1
+  want = {k: np.sum(np.asarray(v, np.float32) * rows.reshape((-1,) + (1,) * (v.ndim - 1)))
+          for k, v in host.items() if k in ('images', 'labels')}
+  for backend in ('pmap', 'jit'):
+    dp = parallel.make(ml_collections_config(backend), devices=jax.local_devices()[:4])
+    fn = dp.train_step(wrapped)
+    _, sums = fn(dp.put_state({'x': np.zeros(())}), dp.put_batch_now(raw), np.zeros(2, np.uint32))
+    got = dp.fetch(sums)
+    for k in want:
+      np.testing.assert_allclose(got[k], want[k], rtol=2e-4, err_msg=f'{backend} {k}')
+
+
+def ml_collections_config(backend):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict({'backend': backend, 'fsdp': False})
