@@ -108,6 +108,10 @@ def base_config(variant: str = 'F0') -> ml_collections.ConfigDict:
   c.data.num_chunks = 0  # epoch-order chunks per host; 0: n // 10000 in [1, 64]
   c.data.cache = False  # cache raw records in memory
   c.data.dtype = 'float32'  # host image dtype ('bfloat16' halves transfer)
+  # Where MixUp/CutMix, RandAugment, label smoothing and normalisation run:
+  # 'device' (JAX, first thing in the train step; the host ships uint8 raw
+  # images + the random draws) or 'host' (tf.data). Same batches either way.
+  c.data.augment_on = 'device'
   c.data.xla = True  # fuse the per-pixel batch work (mixing, normalising) with XLA
   c.data.digits_pad = 2  # 'digits': pad-and-random-crop pixels
   c.data.fake_train_examples = ph(int)  # 'fake': None = 1,281,167

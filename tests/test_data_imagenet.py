@@ -72,7 +72,7 @@ def _cfg(data_dir, **kw):
   cfg.update(dict(name='imagenet2012', data_dir=data_dir, train_split='train',
                   eval_split='validation', image_size=24, eval_image_size=28,
                   randaug='405', mixup_alpha=0.2, cutmix=True, label_smoothing=0.1,
-                  shuffle_buffer=16, num_classes=1000))
+                  shuffle_buffer=16, num_classes=1000, augment_on='host'))
   cfg.update(kw)
   return cfg
 

@@ -24,9 +24,11 @@ def digits_dir(tmp_path_factory):
 
 
 def data_config(**kw) -> ml_collections.ConfigDict:
-  """base_config().data (every key exists, misspelt keys fail) with overrides."""
+  """base_config().data (every key exists, misspelt keys fail) with overrides;
+  the host path (finished batches) unless augment_on='device' is given."""
   cfg = ml_collections.ConfigDict(config_lib.base_config().data.to_dict())
   cfg.num_classes = None
+  cfg.augment_on = 'host'
   cfg.lock()
   cfg.update(kw)
   return cfg
@@ -237,30 +239,36 @@ from nfnets import data
 cfg = ml_collections.ConfigDict(config_lib.base_config().data.to_dict())
 cfg.update(dict(name='digits', data_dir=sys.argv[1], train_split='train', image_size=32,
     randaug='405', mixup_alpha=0.2, cutmix=True, label_smoothing=0.1, shuffle_buffer=100,
-    num_classes=10, num_chunks=4))
+    num_classes=10, num_chunks=4, augment_on=sys.argv[3]))
 it = data.create_train_iterator(cfg, global_batch_size=32, seed=11, start_step=int(sys.argv[2]),
                                 process_index=0, process_count=1)
 h = hashlib.sha256()
 for _ in range(2):
-  b = next(it); h.update(b['images'].tobytes()); h.update(b['labels'].tobytes())
+  b = next(it)
+  for k in sorted(b):
+    h.update(b[k].tobytes())
 print('HASH', h.hexdigest())
 '''
 
 
-def test_resume_is_exact_across_processes(digits_dir):
-  """A restarted process (fresh TF runtime) gives the same batches."""
+@pytest.mark.parametrize('augment_on', ['host', 'device'])
+def test_resume_is_exact_across_processes(digits_dir, augment_on):
+  """A restarted process (fresh TF runtime) gives the same batches (device
+  path: the same raw images, labels and random draws)."""
   import hashlib  # pylint: disable=g-import-not-at-top
   cfg = _cfg(digits_dir, randaug='405', mixup_alpha=0.2, cutmix=True,
-             label_smoothing=0.1, shuffle_buffer=100, num_chunks=4)
+             label_smoothing=0.1, shuffle_buffer=100, num_chunks=4,
+             augment_on=augment_on)
   batches = _take(data.create_train_iterator(cfg, global_batch_size=32, seed=11,
                                              process_index=0, process_count=1), 5)[3:]
   h = hashlib.sha256()
   for b in batches:
-    h.update(b['images'].tobytes()); h.update(b['labels'].tobytes())
+    for k in sorted(b):
+      h.update(b[k].tobytes())
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(data.__file__)))] +
       os.environ.get('PYTHONPATH', '').split(os.pathsep)))
-  out = subprocess.run([sys.executable, '-c', _HASH_SCRIPT, digits_dir, '3'],
+  out = subprocess.run([sys.executable, '-c', _HASH_SCRIPT, digits_dir, '3', augment_on],
                        capture_output=True, text=True, env=env, timeout=120, check=True)
   assert f'HASH {h.hexdigest()}' in out.stdout
 

@@ -27,7 +27,7 @@ def data_config(**kw) -> ml_collections.ConfigDict:
   cfg.num_classes = None
   cfg.lock()
   cfg.update(dict(dict(image_size=24, eval_image_size=24, randaug='', label_smoothing=0.0,
-                       shuffle_buffer=16), **kw))
+                       shuffle_buffer=16, augment_on='host'), **kw))
   return cfg
 
 

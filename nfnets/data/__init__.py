@@ -8,7 +8,10 @@ Module layout:
   splits.py   - tfds split strings -> pieces, per-host ranges.
   pipeline.py - the tf.data assembly of train / eval host batches that every
                 source goes through (sharding, shuffling, mixing, resume).
-  mix.py, preprocess.py, randaugment.py - augmentation ops.
+  train_stages.py - the train pipeline's stages (order, decode, batches).
+  mix.py, preprocess.py, randaugment.py - augmentation ops (TF, host).
+  device_augment.py - MixUp/CutMix, RandAugment, normalisation in JAX
+                (config.data.augment_on='device', the default).
 
 Public API (see nfnets/data/pipeline.py for the guarantees):
   create_train_iterator(data_config, *, global_batch_size, seed, start_step=0)

@@ -16,6 +16,13 @@ hosts are disjoint). Eval: ranges of size N//P or N//P + 1 that cover all N;
 every host yields the same number of batches, ceil(ceil(N/P) / per_host_batch),
 the last ones padded with mask 0.
 
+Where the augmentation runs (config.data.augment_on): 'device' (default)
+ships raw uint8 images + the random draws and leaves MixUp/CutMix, RandAugment,
+label smoothing and normalisation to nfnets/data/device_augment.py (JAX, in
+the train step); 'host' does them here. The draws, their keys and the maths
+are the same, so both give the same batches (up to float rounding). The
+stages are in nfnets/data/train_stages.py.
+
 Train batches, as in the NFNet release (deepmind-research/nfnets/dataset.py):
   * Each output example mixes two raw examples (mix.py): with MixUp and/or
     CutMix on, a step reads 2 * per_host_batch raw examples, each used once;
@@ -71,18 +78,16 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from nfnets.data import mix as mix_lib
 from nfnets.data import preprocess
-from nfnets.data import randaugment as ra_lib
 from nfnets.data import sources as sources_lib
 from nfnets.data import splits as splits_lib
+from nfnets.data import train_stages as stages
 from nfnets.data.sources import DatasetNotPreparedError  # pylint: disable=unused-import
 from nfnets.data.sources import get_source, num_classes, num_examples  # pylint: disable=unused-import
 from nfnets.data.splits import (eval_host_range, pieces_len, resolve_split,  # pylint: disable=unused-import
                                 slice_pieces, train_host_range)
 
 AUTOTUNE = tf.data.AUTOTUNE
-_BIG = 2 ** 62
 _no_autograph = sources_lib.no_autograph
 
 # The input pipeline runs on the host; keep TensorFlow off any accelerator
@@ -153,18 +158,6 @@ def _options(num_threads: Optional[int]):
   return options
 
 
-def _maybe_xla(fn, use_xla: bool):
-  """With data_config.xla (default True) the per-pixel batch work is one
-  XLA-compiled function, a single fused pass over the batch: on CPU ~5x
-  cheaper than the same TF ops run one by one."""
-  return tf.function(fn, jit_compile=True, autograph=False) if use_xla else fn
-
-
-def _mixed_to_uint8(images):
-  # As the release before RandAugment: clip to 0..255, cast (truncates).
-  return tf.cast(tf.clip_by_value(images, 0., 255.), tf.uint8)
-
-
 # ---------------------------------------------------------------------------
 # Train.
 def build_train_dataset(data_config, *, global_batch_size: int, seed: int,
@@ -173,10 +166,12 @@ def build_train_dataset(data_config, *, global_batch_size: int, seed: int,
                         num_threads: Optional[int] = None) -> tf.data.Dataset:
   """The train tf.data.Dataset of host batches.
 
-  Elements: {'images' [B, S, S, 3] dtype, 'labels' float32 [B, C],
-  'pos' int64 [B, k] (stream positions of the k = 2 (mixing) or 1 raw
-  examples of each output; used to count skipped images), and with_ids
+  Elements with augment_on='host': {'images' [B, S, S, 3] dtype, 'labels'
+  float32 [B, C], 'pos' int64 [B, k] (stream positions of the k = 2 (mixing)
+  or 1 raw examples of each output; used to count skipped images), and with_ids
   'ids' int64 [B] (+ 'partner_ids' [B] when mixing)}; B = per-host batch.
+  With augment_on='device': the device batch of nfnets/data/device_augment.py
+  (uint8 raw images [B, k, S, S, 3], int labels [B, k], the draws) + 'pos'.
   """
   return _build_train(data_config, global_batch_size=global_batch_size, seed=seed,
                       start_step=start_step, process_index=process_index,
@@ -189,173 +184,22 @@ def _build_train(data_config, *, global_batch_size, seed, start_step, process_in
   """(train dataset, name_positions: stream positions -> example names)."""
   layout = get_layout(global_batch_size, process_index, process_count)
   source = source or get_source(data_config)
-  n_classes = _check_classes(source, data_config)
-  image_size = _image_size(data_config, 'image_size')
-  split = data_config.train_split
-  pieces = resolve_split(source.split_infos, split, where=source.name)
-  total = pieces_len(pieces)
-  h_start, h_stop = train_host_range(total, layout.process_index, layout.process_count)
-  n_host = h_stop - h_start
-  if n_host <= 0:
-    raise ValueError(f'Split {split!r} ({total} examples) is too small for '
-                     f'{layout.process_count} processes.')
-  mixup_alpha = float(data_config.mixup_alpha or 0.)
-  use_cutmix = bool(data_config.cutmix)
-  mixing = bool(mixup_alpha or use_cutmix)
-  out_b = layout.per_host_batch
-  raw_b = 2 * out_b if mixing else out_b
-  randaug = preprocess.parse_randaug(data_config.randaug)
-  ra_mode = data_config.randaug_mode
-  ra_before_mix = bool(randaug) and (not mixing or bool(data_config.augment_before_mix))
-  ra_after_mix = bool(randaug) and not ra_before_mix
-  smoothing = float(data_config.label_smoothing or 0.)
-  out_dtype = _tf_dtype(data_config)
-  use_xla = bool(data_config.xla)
-
-  num_chunks = int(data_config.num_chunks or 0) or int(np.clip(n_host // 10000, 1, 64))
-  num_chunks = max(1, min(num_chunks, n_host))
-  chunk_ranges = splits_lib.even_ranges(n_host, num_chunks)
-  chunks = []
-  for a, b in chunk_ranges:
-    ds = source.read(slice_pieces(pieces, h_start + a, h_start + b))
-    chunks.append(ds.cache() if data_config.cache else ds)
-  chunk_sizes = tf.constant([b - a for a, b in chunk_ranges], tf.int64)
-  shuffle_buffer = data_config.shuffle_buffer
-  shuffle_buffer = 10 * out_b if shuffle_buffer is None else int(shuffle_buffer)
-  shuffle_buffer = min(shuffle_buffer, n_host)
-
-  seed = int(seed)
-  key = tf.constant([seed, layout.process_index], tf.int64)
-  # Independent keys: epoch order, examples, batches (mixing), post-mix RA.
-  order_key, example_key, batch_key, ra_key = [
-      tf.random.experimental.stateless_split(key, 4)[i] for i in range(4)]
-  shuffle_base = int(seed % (2 ** 31)) * 1_000_003 + layout.process_index * 7919
-
-  @_no_autograph
-  def epoch_dataset(epoch):
-    epoch = tf.cast(epoch, tf.int64)
-    if num_chunks > 1:
-      perm = tf.random.experimental.stateless_shuffle(
-          tf.range(num_chunks, dtype=tf.int64),
-          seed=tf.random.experimental.stateless_fold_in(order_key, epoch))
-      choice = tf.data.Dataset.from_tensor_slices(
-          (perm, tf.gather(chunk_sizes, perm))).flat_map(
-              lambda c, n: tf.data.Dataset.from_tensors(c).repeat(n))
-      ds = tf.data.Dataset.choose_from_datasets(chunks, choice)
-    else:
-      ds = chunks[0]
-    if shuffle_buffer > 1:
-      ds = ds.shuffle(shuffle_buffer, seed=shuffle_base + epoch * 104_729,
-                      reshuffle_each_iteration=False)
-    return ds
-
-  def raw_stream(from_pos: int) -> tf.data.Dataset:
-    """(stream position, undecoded record) from position `from_pos` on."""
-    first_epoch, offset = divmod(from_pos, n_host)
-    ds = epoch_dataset(first_epoch).skip(offset).concatenate(
-        tf.data.Dataset.range(first_epoch + 1, _BIG).flat_map(epoch_dataset))
-    return ds.enumerate(start=from_pos)
-
-  def name_positions(positions: List[int]) -> List[str]:
-    """Names of the examples at these stream positions, replayed from the
-    undecoded stream: only for sources whose records are cheap to read."""
-    if not positions or not source.cheap_read:
-      return []
-    lo, hi = min(positions), max(positions)
-    wanted, names = set(positions), []
-    for pos, ex in raw_stream(lo).take(hi - lo + 1).as_numpy_iterator():
-      if pos in wanted:
-        names.append(source.describe_record(ex['record'], ex['id']))
-    return names
-
-  start_pos = int(start_step) * raw_b
-  ds = raw_stream(start_pos)
-
-  @_no_autograph
-  def decode(pos, ex):
-    seed_ = tf.random.experimental.stateless_fold_in(example_key, pos)
-    s_crop = preprocess.split_seed(seed_, 3)[0]
-    decoded = source.decode_train(ex['record'], s_crop, image_size, data_config)
-    return {'decoded': decoded, 'label': ex['label'], 'id': ex['id'], 'pos': pos}
-
-  @_no_autograph
-  def augment(ex):
-    seed_ = tf.random.experimental.stateless_fold_in(example_key, ex['pos'])
-    s_aug, s_ra = tf.unstack(preprocess.split_seed(seed_, 3)[1:])
-    image = source.augment_train(ex['decoded'], s_aug, image_size, data_config)
-    image = preprocess.to_uint8(image)
-    if ra_before_mix:
-      image = ra_lib.randaugment(image, s_ra, randaug[0], randaug[1], ra_mode)
-    image = tf.ensure_shape(image, [image_size, image_size, 3])
-    label = preprocess.one_hot_smoothed(ex['label'], n_classes, smoothing)
-    return {'images': image, 'labels': label, 'pos': ex['pos'], 'id': ex['id']}
-
-  ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
-  ds = ds.ignore_errors(log_warning=False)
-  ds = ds.map(augment, num_parallel_calls=AUTOTUNE, deterministic=True)
-  ds = ds.batch(raw_b, drop_remainder=True)
+  plan = stages.train_plan(data_config, layout, source,
+                           num_classes=_check_classes(source, data_config),
+                           image_size=_image_size(data_config, 'image_size'),
+                           out_dtype=_tf_dtype(data_config))
+  keys = stages.stream_keys(seed, layout.process_index)
+  stream = stages.EpochStream(source, data_config, plan, int(seed), keys['order'])
+  ds = stream.from_position(int(start_step) * plan.raw_b)
+  ds = stages.raw_examples(ds, plan, source, data_config, keys['example'])
+  ds = ds.batch(plan.raw_b, drop_remainder=True)
   ds = ds.enumerate(start=int(start_step))
-
-  first_idx, second_idx = mix_lib.pair_indices(out_b, mixup_alpha, use_cutmix)
-
-  def mix_fn(images, labels, lam, box):
-    images, labels = mix_lib.apply_params(
-        images, labels, {'lam': lam, 'box': box}, mixup_alpha, use_cutmix)
-    if ra_after_mix:
-      return _mixed_to_uint8(images), labels
-    return tf.cast(preprocess.normalize(images), out_dtype), labels
-
-  def normalize_fn(images):
-    return tf.cast(preprocess.normalize(images), out_dtype)
-
-  mix_fn = _maybe_xla(mix_fn, use_xla)
-  normalize_fn = _maybe_xla(normalize_fn, use_xla)
-
-  @_no_autograph
-  def finalize(step, batch):
-    """Raw batch [raw_b] -> outputs [out_b] (mixed; normalised unless RA follows)."""
-    if mixing:
-      params = mix_lib.sample_params(
-          tf.random.experimental.stateless_fold_in(batch_key, step), out_b,
-          image_size, image_size, mixup_alpha, use_cutmix)
-      images, labels = mix_fn(batch['images'], batch['labels'], params['lam'],
-                              params['box'])
-      pos = tf.stack([tf.gather(batch['pos'], first_idx),
-                      tf.gather(batch['pos'], second_idx)], axis=1)
-      out = {'images': images, 'labels': labels, 'pos': pos}
-      if with_ids:
-        out['ids'] = tf.gather(batch['id'], first_idx)
-        out['partner_ids'] = tf.gather(batch['id'], second_idx)
-    else:
-      out = {'images': normalize_fn(batch['images']), 'labels': batch['labels'],
-             'pos': batch['pos'][:, None]}
-      if with_ids:
-        out['ids'] = batch['id']
-    if ra_after_mix:
-      out['out_pos'] = step * out_b + tf.range(out_b, dtype=tf.int64)
-    return out
-
-  ds = ds.map(finalize, num_parallel_calls=AUTOTUNE, deterministic=True)
-
-  if ra_after_mix:
-    @_no_autograph
-    def post_mix_randaugment(ex):
-      s_ra = tf.random.experimental.stateless_fold_in(ra_key, ex.pop('out_pos'))
-      image = ra_lib.randaugment(ex['images'], s_ra, randaug[0], randaug[1], ra_mode)
-      ex['images'] = tf.ensure_shape(image, [image_size, image_size, 3])
-      return ex
-
-    @_no_autograph
-    def normalize_batch(batch):
-      return dict(batch, images=normalize_fn(batch['images']))
-
-    ds = ds.unbatch().map(post_mix_randaugment, num_parallel_calls=AUTOTUNE,
-                          deterministic=True)
-    ds = ds.batch(out_b, drop_remainder=True)
-    ds = ds.map(normalize_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
-
+  if plan.on_device:
+    ds = stages.device_batches(ds, plan, keys, with_ids)
+  else:
+    ds = stages.host_batches(ds, plan, keys, with_ids)
   ds = ds.prefetch(AUTOTUNE)
-  return ds.with_options(_options(num_threads)), name_positions
+  return ds.with_options(_options(num_threads)), stream.names
 
 
 class TrainIterator:

@@ -412,3 +412,33 @@ def randaugment_image(image, seed, num_layers: int, magnitude,
   out = randaugment(_trunc_uint8(tf.cast(image, tf.float32)), seed, num_layers,
                     magnitude, mode)
   return tf.cast(out, dtype)
+
+
+def draw_params(seed, num_layers: int, height, width):
+  """The random draws `randaugment(image, seed, num_layers, ...)` makes, for
+  running the ops elsewhere (device_augment.py) on the same draws.
+
+  The same stateless derivation as `randaugment` / `apply_op`: per layer, the
+  op index, the random sign (+-1; Rotate, Shear, Translate and 'increasing'
+  enhance factors) and the Cutout centre (row, col).
+
+  Returns:
+    (op int32 [L], sign float32 [L], cut int32 [L, 2]).
+  """
+  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num_layers)
+  ops, signs, cuts = [], [], []
+  for i in range(num_layers):
+    choice_seed, op_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seeds[i], 2))
+    ops.append(tf.random.stateless_uniform(
+        [], choice_seed, 0, len(OP_NAMES), dtype=tf.int32))
+    sign_seed, cut_seed = tf.unstack(tf.random.experimental.stateless_split(op_seed, 2))
+    signs.append(_random_sign(1., sign_seed))
+    s1, s2 = tf.unstack(tf.random.experimental.stateless_split(cut_seed, 2))
+    cuts.append(tf.stack([
+        tf.random.stateless_uniform([], s1, 0, height, dtype=tf.int32),
+        tf.random.stateless_uniform([], s2, 0, width, dtype=tf.int32)]))
+  if not num_layers:
+    return (tf.zeros([0], tf.int32), tf.zeros([0], tf.float32),
+            tf.zeros([0, 2], tf.int32))
+  return tf.stack(ops), tf.stack(signs), tf.stack(cuts)

@@ -85,6 +85,16 @@ def init_params(config, forward: hk.Transformed, rng: jax.Array):
   return params
 
 
+def _with_augmentation(data_config, train_step):
+  """With data.augment_on='device' the step first augments its raw batch
+  (nfnets/data/device_augment.py)."""
+  if data_config.get('augment_on', 'host') == 'host':
+    return train_step
+  from nfnets.data import device_augment  # pylint: disable=g-import-not-at-top
+  return device_augment.with_batch_transform(
+      train_step, device_augment.make_batch_transform(data_config))
+
+
 def build(config, *, num_train_examples: Optional[int] = None,
           data_num_classes: Optional[int] = None,
           abstract: bool = False) -> Setup:
@@ -140,10 +150,10 @@ def build(config, *, num_train_examples: Optional[int] = None,
       config=config, forward=forward, tx=tx, lr_fn=lr_fn, state=state,
       meta={'model': config.model.name,
             'num_classes': config.model.num_classes},
-      train_step=step_lib.make_train_step(
+      train_step=_with_augmentation(config.data, step_lib.make_train_step(
           forward, tx, compute_dtype=compute_dtype,
           ema_decay=config.optim.ema_decay, sam_rho=config.optim.sam_rho,
-          grad_accum_steps=config.train.grad_accum_steps),
+          grad_accum_steps=config.train.grad_accum_steps)),
       eval_step=step_lib.make_eval_step(forward, eval_dtype),
       rng=np.asarray(jax.device_get(step_rng)), compute_dtype=compute_dtype,
       batch_size=batch_size, steps_per_epoch=steps_per_epoch,
