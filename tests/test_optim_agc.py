@@ -659,3 +659,47 @@ def test_param_groups_match_depths(name):
                    if flat[[m for m in flat if m.split('/~/')[1] == b][0]]
                    == f'stage{s}') for s in (1, 2, 3, 4)]
   assert per_stage == list(M.get_variant(name).depth)
+
+
+class _TinyNet(hk.Module):
+  """Stem, one block, classifier, with NFNet's module names."""
+
+  def __call__(self, x, is_training):
+    del is_training
+    h = jax.nn.relu(hk.Linear(6, name='stem_conv0')(x))
+    h = h + jax.nn.relu(hk.Linear(6, name='nf_block')(h))
+    return {'logits': hk.Linear(3, name='linear')(h)}
+
+
+def test_train_step_reports_agc_metrics():
+  from nfnets.training import state as state_lib
+  from nfnets.training import step as step_lib
+  from nfnets.training.parallel import AXIS
+  fwd = hk.transform(lambda x, t: _TinyNet(name='NFNet')(x, t))
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(8, 4)).astype(np.float32)
+  labels = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 8)]
+  params = fwd.init(jax.random.PRNGKey(0), images, True)
+  tx = optax.chain(optax.masked(adaptive_grad_clip(0.01), agc_mask),
+                   optax.sgd(0.1))
+  state = state_lib.create(params, tx)
+  # Reference: the same gradients through tx by hand.
+  grads = jax.grad(lambda p: jnp.mean(optax.softmax_cross_entropy(
+      fwd.apply(p, None, images, True)['logits'], labels)))(params)
+  expect = jax.jit(lambda g, p: nfo.agc_statistics(
+      tx.update(g, tx.init(p), p)[1], p))(grads, params)
+  assert {'agc/clipped_frac/stem', 'agc/clipped_frac/stage1',
+          'agc/clipped_frac/head'} <= set(expect)
+  batch = {'images': images[None], 'labels': labels[None]}
+  for on in (True, False):
+    step = jax.jit(jax.vmap(step_lib.make_train_step(
+        fwd, tx, ema_decay=0.0, agc_stats=on), in_axes=(None, 0, None),
+                            axis_name=AXIS))
+    _, metrics = step(state, batch, jax.random.PRNGKey(1))
+    agc = {k: float(v[0]) for k, v in metrics.items() if k.startswith('agc/')}
+    if on:
+      assert agc.keys() == expect.keys()
+      for k, v in expect.items():
+        np.testing.assert_allclose(agc[k], float(v), rtol=1e-6, err_msg=k)
+    else:
+      assert agc == {}
