@@ -195,6 +195,22 @@ def run_exported(path: str, format: str, images: np.ndarray) -> np.ndarray:
   raise ValueError(f'format must be one of {FORMATS}, got {format!r}.')
 
 
+def _run_config_model(path) -> tuple[Optional[str], Optional[Dict[str, Any]]]:
+  """(model name, constructor overrides) from the config.json of the
+  training workdir holding ``path`` (workdir, checkpoints/ or a step dir),
+  or (None, None) when there is none."""
+  path = os.path.abspath(os.fspath(path))
+  for _ in range(3):
+    config = os.path.join(path, 'config.json')
+    if os.path.isfile(config):
+      with open(config) as f:
+        model = json.load(f).get('model', {})
+      return model.get('name'), {k: v for k, v in model.get(
+          'kwargs', {}).items() if v is not None}
+    path = os.path.dirname(path)
+  return None, None
+
+
 def _load(checkpoint_or_params, variant, model_kwargs, which):
   if isinstance(checkpoint_or_params, Mapping):
     params = {m: dict(v) for m, v in checkpoint_or_params.items()}
@@ -233,7 +249,9 @@ def export(checkpoint_or_params: Union[str, os.PathLike, Params],
     out_path: the file (stablehlo, onnx) or directory (savedmodel) to write.
     image_size: the fixed input resolution; None -> the variant's test size.
     model_kwargs: constructor overrides the weights were trained with (e.g.
-      width, depth); conv_lowering defaults to 'xla' for export.
+      width, depth); conv_lowering defaults to 'xla' for export. For a
+      training workdir, None takes variant and overrides from its
+      config.json.
     which: 'ema' or 'raw' params of our run checkpoints.
     fold: fold weight standardisation (default; False exports the raw
       kernels and standardises them in every call, for comparison only).
@@ -249,6 +267,11 @@ def export(checkpoint_or_params: Union[str, os.PathLike, Params],
   if not out_path:
     raise ValueError('export: pass out_path (a file, or a directory for '
                      "format='savedmodel').")
+  if not isinstance(checkpoint_or_params, Mapping) and os.path.isdir(
+      checkpoint_or_params):  # a workdir of ours: its model, unless given
+    run_variant, run_kwargs = _run_config_model(checkpoint_or_params)
+    variant = variant or run_variant
+    model_kwargs = run_kwargs if model_kwargs is None else model_kwargs
   kwargs = _model_kwargs(model_kwargs)
   params, variant = _load(checkpoint_or_params, variant, kwargs, which)
   num_classes = _num_classes(params)

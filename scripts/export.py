@@ -31,7 +31,8 @@ def parse_args(argv=None):
   p.add_argument('--format', required=True, choices=FORMATS)
   p.add_argument('--out', required=True,
                  help='output file (a directory for savedmodel)')
-  p.add_argument('--variant', default=None, help='default: inferred')
+  p.add_argument('--variant', default=None,
+                 help="default: a workdir's config.json, else inferred")
   p.add_argument('--image_size', type=int, default=None,
                  help="fixed input size (default: the variant's test size)")
   p.add_argument('--params', choices=('ema', 'raw'), default='ema',
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
   from nfnets import checkpoints  # pylint: disable=g-import-not-at-top
   from nfnets import export as export_lib  # pylint: disable=g-import-not-at-top
   try:
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
   except ValueError as e:
     print(f'error: --model_kwargs is not JSON ({e})', file=sys.stderr)
     return 1

@@ -174,3 +174,19 @@ def test_bad_format_and_missing_out_path(tiny):
     export_lib.export(tiny['params'], VARIANT, 'tflite', '/tmp/x')
   with pytest.raises(ValueError, match='out_path'):
     export_lib.export(tiny['params'], VARIANT, 'onnx', None)
+
+
+def test_workdir_config_names_the_model(tmp_path):
+  """A training workdir's config.json gives the variant and overrides, from
+  the workdir, its checkpoints/ or a step directory."""
+  model = {'name': 'F1', 'num_classes': 10,
+           'kwargs': {'width': 0.5, 'depth': [1, 2, 3, 4], 'alpha': None}}
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump({'model': model}, f)
+  step_dir = tmp_path / 'checkpoints' / '30'
+  step_dir.mkdir(parents=True)
+  for path in (tmp_path, tmp_path / 'checkpoints', step_dir):
+    assert export_lib._run_config_model(path) == (
+        'F1', {'width': 0.5, 'depth': [1, 2, 3, 4]})
+  assert export_lib._run_config_model(tmp_path.parent / 'elsewhere') == (
+      None, None)
