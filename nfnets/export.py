@@ -21,8 +21,8 @@ function uses them directly (through ``nfnets.models.kernel_hook``); the raw
 ``w`` and ``gain`` of the convolutions are not shipped.
 
 Formats: ``'stablehlo'`` (``jax.export``, serialized; reload with
-``load_stablehlo`` / ``jax.export.deserialize``, weights embedded as
-constants, so at most ~2 GB of weights), ``'savedmodel'`` (TensorFlow via
+``load_stablehlo`` / ``jax.export.deserialize``; lowered for CPU and CUDA
+by default; weights embedded as constants), ``'savedmodel'`` (TensorFlow via
 ``jax2tf``; weights as ``tf.Variable``s, signature ``serving_default``) and
 ``'onnx'`` (``jax2onnx``, optional extra ``pip install nfnets[onnx]``; weights
 as initializers, large ones in a ``.onnx.data`` sidecar). Each export also
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import haiku as hk
 import jax
@@ -43,6 +43,7 @@ import numpy as np
 from nfnets import models
 
 FORMATS = ('stablehlo', 'savedmodel', 'onnx')
+STABLEHLO_PLATFORMS = ('cpu', 'cuda')
 Params = Mapping[str, Mapping[str, Any]]
 INPUT_CONTRACT = ('float32 [batch, size, size, 3] RGB NHWC pixels on the '
                   '0..255 scale (normalised inside); output float32 logits '
@@ -133,8 +134,10 @@ def _write_info(path: str, info: Mapping[str, Any]) -> None:
     json.dump(info, f, indent=1, default=str)
 
 
-def _export_stablehlo(fn, params, spec, out_path: str) -> None:
-  exported = jax.export.export(jax.jit(lambda x: fn(params, x)))(spec)
+def _export_stablehlo(fn, params, spec, out_path: str,
+                      platforms: Sequence[str]) -> None:
+  exported = jax.export.export(jax.jit(lambda x: fn(params, x)),
+                               platforms=tuple(platforms))(spec)
   with open(out_path, 'wb') as f:
     f.write(exported.serialize())
 
@@ -237,6 +240,7 @@ def export(checkpoint_or_params: Union[str, os.PathLike, Params],
            image_size: Optional[int] = None,
            model_kwargs: Optional[Mapping[str, Any]] = None,
            which: str = 'ema', fold: bool = True,
+           platforms: Sequence[str] = STABLEHLO_PLATFORMS,
            verify: bool = True, rtol: float = 1e-4) -> str:
   """Exports a model for serving (see the module docstring for the contract).
 
@@ -255,6 +259,9 @@ def export(checkpoint_or_params: Union[str, os.PathLike, Params],
     which: 'ema' or 'raw' params of our run checkpoints.
     fold: fold weight standardisation (default; False exports the raw
       kernels and standardises them in every call, for comparison only).
+    platforms: 'stablehlo' only: the platforms the module is lowered for
+      (any of 'cpu', 'cuda', 'rocm', 'tpu'); the default serves on CPU and
+      NVIDIA GPUs, whatever machine exports.
     verify: run the export with its own runtime on 2 random images and
       check its logits against the Haiku model's (relative to their scale).
     rtol: tolerance of that check.
@@ -286,14 +293,18 @@ def export(checkpoint_or_params: Union[str, os.PathLike, Params],
   parent = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(parent, exist_ok=True)
   if format == 'stablehlo':
-    _export_stablehlo(fn, served, spec, out_path)
+    _export_stablehlo(fn, served, spec, out_path, platforms)
   elif format == 'savedmodel':
     _export_savedmodel(fn, served, image_size, out_path)
   else:
     _export_onnx(fn, served, spec, out_path)
+  if format == 'stablehlo':
+    info_extra = dict(platforms=list(platforms))
+  else:
+    info_extra = {}
   info = dict(format=format, variant=variant, num_classes=num_classes,
               image_size=image_size, model_kwargs=kwargs, input=INPUT_CONTRACT,
-              folded_weight_standardization=bool(fold))
+              folded_weight_standardization=bool(fold), **info_extra)
   _write_info(os.path.join(out_path, 'export_info.json')
               if format == 'savedmodel' else out_path + '.json', info)
   if verify:

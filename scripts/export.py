@@ -39,6 +39,8 @@ def parse_args(argv=None):
                  help='which params of our own checkpoints')
   p.add_argument('--model_kwargs', default=None,
                  help='JSON constructor overrides, e.g. \'{"width": 0.5}\'')
+  p.add_argument('--platforms', default='cpu,cuda',
+                 help='stablehlo: comma-separated platforms to lower for')
   p.add_argument('--no_verify', action='store_true',
                  help='skip running the export against the Haiku model')
   return p.parse_args(argv)
@@ -58,6 +60,7 @@ def main(argv=None) -> int:
     out = export_lib.export(args.checkpoint, args.variant, args.format,
                             args.out, image_size=args.image_size,
                             model_kwargs=model_kwargs, which=args.params,
+                            platforms=args.platforms.split(','),
                             verify=not args.no_verify)
   except (checkpoints.CheckpointError, FileNotFoundError, ValueError,
           ImportError) as e:

@@ -112,6 +112,9 @@ def test_export_describes_itself(fmt, exports):
   assert (info['variant'], info['num_classes'], info['image_size']) == (
       VARIANT, CLASSES, SIZE)
   assert info['folded_weight_standardization'] is True
+  if fmt == 'stablehlo':  # served on CPU here; lowered for CUDA too
+    assert tuple(export_lib.load_stablehlo(path).platforms) == (
+        export_lib.STABLEHLO_PLATFORMS)
 
 
 def _kernel_reductions(exported):
