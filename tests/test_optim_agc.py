@@ -661,7 +661,7 @@ def test_param_groups_match_depths(name):
   assert per_stage == list(M.get_variant(name).depth)
 
 
-class _TinyNet(hk.Module):
+class _StatsNet(hk.Module):
   """Stem, one block, classifier, with NFNet's module names."""
 
   def __call__(self, x, is_training):
@@ -675,7 +675,7 @@ def test_train_step_reports_agc_metrics():
   from nfnets.training import state as state_lib
   from nfnets.training import step as step_lib
   from nfnets.training.parallel import AXIS
-  fwd = hk.transform(lambda x, t: _TinyNet(name='NFNet')(x, t))
+  fwd = hk.transform(lambda x, t: _StatsNet(name='NFNet')(x, t))
   rng = np.random.default_rng(0)
   images = rng.normal(size=(8, 4)).astype(np.float32)
   labels = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 8)]
