@@ -34,5 +34,7 @@ setup(
     extras_require={
         'test': ['pytest>=9.0.3', 'pytest-xdist>=3.8.0', 'hypothesis>=6.155.2',
                  'dill>=0.4.1'],
+        # scripts/export.py --format onnx (jax2onnx), checked with onnxruntime.
+        'onnx': ['jax2onnx>=0.17.1', 'onnxruntime>=1.32.0'],
     },
 )

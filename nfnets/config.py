@@ -119,6 +119,10 @@ def base_config(variant: str = 'F0') -> ml_collections.ConfigDict:
   c.data.num_classes = c.model.get_ref('num_classes')
 
   c.optim = default_optim_config(family_placeholders=True)
+  # Log AGC's clipping statistics as train/agc/* (fraction of units clipped
+  # and mean clip factor, overall and per stem / stage / head; read from
+  # AGC's optimizer state, no extra pass over the gradients).
+  c.optim.agc_stats = True
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = ph(int)  # global (all devices, hosts); None: family's

@@ -97,8 +97,8 @@ def test_jit_matches_eager_and_dtype_preserved():
   chex.assert_trees_all_equal_shapes(jitted, grads)
 
 
-def test_state_is_empty():
-  tx = adaptive_grad_clip(0.01)
+def test_state_is_empty_without_stats():
+  tx = adaptive_grad_clip(0.01, stats=False)
   params, _ = random_tree(0)
   state = tx.init(params)
   assert jax.tree.leaves(state) == []
@@ -523,3 +523,183 @@ def test_masks_on_real_nfnet_f0_tree():
   for path, leaf, v in zip(jax.tree.leaves(nfo.tree_paths(shapes)),
                            jax.tree.leaves(shapes), jax.tree.leaves(wd)):
     assert v == (leaf.ndim >= 2), path
+
+
+# ----------------------------------------------------------------------------
+# Clipping statistics (AGCState, agc_statistics, param_groups).
+
+LAM = 0.1
+# A Haiku-named tree: stem, two blocks in stage 1 (the first with a
+# shortcut), one block per later stage, final conv and classifier.
+# module -> (group, {param: shape}).
+STATS_TREE = {
+    'NFNet/~/stem_conv0': ('stem', {'w': (3, 3, 3, 4), 'gain': (4,)}),
+    'NFNet/~/nf_block/~/conv_shortcut': ('stage1', {'w': (1, 1, 4, 6)}),
+    'NFNet/~/nf_block/~/conv0': ('stage1', {'w': (1, 1, 4, 5)}),
+    'NFNet/~/nf_block': ('stage1', {'skip_gain': ()}),
+    'NFNet/~/nf_block_1/~/conv0': ('stage1', {'w': (1, 1, 6, 7)}),
+    'NFNet/~/nf_block_2/~/conv_shortcut': ('stage2', {'w': (1, 1, 6, 8)}),
+    'NFNet/~/nf_block_3/~/conv_shortcut': ('stage3', {'w': (1, 1, 8, 3)}),
+    'NFNet/~/nf_block_3/~/squeeze_excite/~/linear': (
+        'stage3', {'w': (3, 2), 'b': (2,)}),
+    'NFNet/~/nf_block_4/~/conv_shortcut': ('stage4', {'w': (1, 1, 3, 9)}),
+    'NFNet/~/final_conv': ('head', {'w': (1, 1, 9, 4), 'bias': (4,)}),
+    'NFNet/~/linear': ('head', {'w': (4, 3), 'b': (3,)}),
+}
+
+
+def _stats_problem(seed):
+  """params, grads with G_i = c_i W_i per unit, so unit i is clipped iff
+  c_i > LAM, with factor LAM / c_i; and the numpy-counted expectation
+  {group: (units, clipped, factor_sum)} ('' = overall) for AGC masked off
+  the classifier weight."""
+  rng = np.random.default_rng(seed)
+  params, grads, expect = {}, {}, {}
+  for module, (group, leaves) in STATS_TREE.items():
+    params[module], grads[module] = {}, {}
+    for name, shape in leaves.items():
+      w = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+      units = shape[-1] if len(shape) >= 2 else 1
+      c = rng.choice([0.02, 0.05, 0.3, 0.5, 2.0], units).astype(np.float32)
+      params[module][name] = w
+      grads[module][name] = (w * c if len(shape) >= 2 else w * c[0])
+      if module == 'NFNet/~/linear' and name == 'w':
+        continue  # agc_mask: the classifier weight is not clipped
+      clipped = c > LAM
+      factor = np.where(clipped, LAM / c, 1.0)
+      for key in ('', group):
+        u, k, f = expect.get(key, (0, 0, 0.0))
+        expect[key] = (u + units, k + clipped.sum(), f + factor.sum())
+  return params, grads, expect
+
+
+def _check_stats(stats, expect):
+  assert set(stats) == ({'agc/clipped_frac', 'agc/clip_factor'}
+                        | {f'agc/{k}/{g}' for g in expect if g
+                           for k in ('clipped_frac', 'clip_factor')})
+  for group, (units, clipped, fsum) in expect.items():
+    suffix = f'/{group}' if group else ''
+    assert stats['agc/clipped_frac' + suffix] == (  # exact counts
+        np.float32(clipped) / np.float32(units))
+    np.testing.assert_allclose(float(stats['agc/clip_factor' + suffix]),
+                               fsum / units, rtol=1e-5)
+
+
+def test_stats_exact_on_hand_made_tree():
+  params, grads, expect = _stats_problem(0)
+  tx = optax.masked(adaptive_grad_clip(LAM), agc_mask)
+  _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  _check_stats(nfo.agc_statistics(state, params), expect)
+  # Groups from the stats' own paths give the same answer.
+  _check_stats(nfo.agc_statistics(state), expect)
+  # Per leaf: units and clipped counts of the stem kernel (4 units).
+  stem = state.inner_state.clipped['NFNet/~/stem_conv0']['w']
+  c = grads['NFNet/~/stem_conv0']['w'][0, 0, 0] / params[
+      'NFNet/~/stem_conv0']['w'][0, 0, 0]
+  assert float(stem) == float(np.sum(c > LAM))
+
+
+def test_stats_survive_optax_wrappers():
+  params, grads, expect = _stats_problem(1)
+  agc = lambda: optax.masked(adaptive_grad_clip(LAM), agc_mask)
+  txs = {
+      'chain': optax.chain(agc(), optax.add_decayed_weights(1e-4),
+                           optax.sgd(0.1, momentum=0.9)),
+      'inject_hyperparams': optax.chain(optax.masked(
+          optax.inject_hyperparams(adaptive_grad_clip)(
+              clipping=LAM, unit_axes=None), agc_mask), optax.sgd(0.1)),
+      'MultiSteps': optax.MultiSteps(optax.chain(agc(), optax.sgd(0.1)), 2),
+  }
+  for name, tx in txs.items():
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    _, state = update(grads, state, params)
+    if name == 'MultiSteps':  # inner update runs on the 2nd micro-step
+      assert float(nfo.agc_statistics(state)['agc/clipped_frac']) == 0.0
+      _, state = update(grads, state, params)
+    assert len(nfo.agc_states(state)) == 1, name
+    _check_stats(nfo.agc_statistics(state, params), expect)
+
+
+def test_stats_absent_raises_clearly():
+  params, _, _ = _stats_problem(0)
+  tx = optax.chain(adaptive_grad_clip(LAM, stats=False), optax.sgd(0.1))
+  with pytest.raises(ValueError, match='stats=False'):
+    nfo.agc_statistics(tx.init(params))
+
+
+def test_int_unit_axes_under_inject_hyperparams():
+  params = {'w': jnp.ones((3, 2))}
+  grads = {'w': jnp.full((3, 2), 10.0)}
+  direct = adaptive_grad_clip(0.01, unit_axes=0).update(grads, None, params)[0]
+  # A tuple stays static under inject_hyperparams; so does a static int.
+  for tx in (optax.inject_hyperparams(adaptive_grad_clip)(0.01, unit_axes=(0,)),
+             optax.inject_hyperparams(adaptive_grad_clip, static_args=(
+                 'unit_axes',))(0.01, unit_axes=0)):
+    out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert_tree_close(out, direct)
+  tx = optax.inject_hyperparams(adaptive_grad_clip)(0.01, unit_axes=0)
+  with pytest.raises(TypeError, match=r"unit_axes=\(0,\).*static_args"):
+    tx.init(params)
+
+
+@pytest.mark.parametrize('name', ['F0', 'nf_resnet50', 'nf_regnet_b0'])
+def test_param_groups_match_depths(name):
+  import nfnets.models as M
+  shapes = M.param_shapes(name, 10)
+  from_paths = nfo.param_groups(shapes)
+  from_depths = nfo.param_groups(shapes, depths=M.get_variant(name).depth)
+  assert from_paths == from_depths
+  labels = set(jax.tree.leaves(from_paths))
+  assert labels == set(nfo.AGC_GROUPS)
+  # Every block's params sit in one stage; stage sizes are the depths.
+  flat = {m: g for m, leaves in from_paths.items() for g in leaves.values()}
+  blocks = {m.split('/~/')[1] for m in flat if '_block' in m}
+  per_stage = [sum(1 for b in blocks
+                   if flat[[m for m in flat if m.split('/~/')[1] == b][0]]
+                   == f'stage{s}') for s in (1, 2, 3, 4)]
+  assert per_stage == list(M.get_variant(name).depth)
+
+
+class _StatsNet(hk.Module):
+  """Stem, one block, classifier, with NFNet's module names."""
+
+  def __call__(self, x, is_training):
+    del is_training
+    h = jax.nn.relu(hk.Linear(6, name='stem_conv0')(x))
+    h = h + jax.nn.relu(hk.Linear(6, name='nf_block')(h))
+    return {'logits': hk.Linear(3, name='linear')(h)}
+
+
+def test_train_step_reports_agc_metrics():
+  from nfnets.training import state as state_lib
+  from nfnets.training import step as step_lib
+  from nfnets.training.parallel import AXIS
+  fwd = hk.transform(lambda x, t: _StatsNet(name='NFNet')(x, t))
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(8, 4)).astype(np.float32)
+  labels = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 8)]
+  params = fwd.init(jax.random.PRNGKey(0), images, True)
+  tx = optax.chain(optax.masked(adaptive_grad_clip(0.01), agc_mask),
+                   optax.sgd(0.1))
+  state = state_lib.create(params, tx)
+  # Reference: the same gradients through tx by hand.
+  grads = jax.grad(lambda p: jnp.mean(optax.softmax_cross_entropy(
+      fwd.apply(p, None, images, True)['logits'], labels)))(params)
+  expect = jax.jit(lambda g, p: nfo.agc_statistics(
+      tx.update(g, tx.init(p), p)[1], p))(grads, params)
+  assert {'agc/clipped_frac/stem', 'agc/clipped_frac/stage1',
+          'agc/clipped_frac/head'} <= set(expect)
+  batch = {'images': images[None], 'labels': labels[None]}
+  for on in (True, False):
+    step = jax.jit(jax.vmap(step_lib.make_train_step(
+        fwd, tx, ema_decay=0.0, agc_stats=on), in_axes=(None, 0, None),
+                            axis_name=AXIS))
+    _, metrics = step(state, batch, jax.random.PRNGKey(1))
+    agc = {k: float(v[0]) for k, v in metrics.items() if k.startswith('agc/')}
+    if on:
+      assert agc.keys() == expect.keys()
+      for k, v in expect.items():
+        np.testing.assert_allclose(agc[k], float(v), rtol=1e-6, err_msg=k)
+    else:
+      assert agc == {}

@@ -1,11 +1,15 @@
 """nfnets.optim: AGC, parameter-group masks, the NFNet recipe, EMA and SAM."""
 
 from nfnets.optim.agc import adaptive_grad_clip
+from nfnets.optim.agc import agc_states
+from nfnets.optim.agc import agc_statistics
+from nfnets.optim.agc import AGCState
 from nfnets.optim.agc import clip_leaf
 from nfnets.optim.agc import default_unit_axes
 from nfnets.optim.agc import unitwise_norm
 from nfnets.optim.ema import ema_decay
 from nfnets.optim.ema import ema_update
+from nfnets.optim.masks import AGC_GROUPS
 from nfnets.optim.masks import agc_mask
 from nfnets.optim.masks import CLASSIFIER_MODULE_REGEX
 from nfnets.optim.masks import CLASSIFIER_REGEX
@@ -13,6 +17,7 @@ from nfnets.optim.masks import is_agc_excluded
 from nfnets.optim.masks import is_classifier
 from nfnets.optim.masks import is_classifier_module
 from nfnets.optim.masks import NO_DECAY_NAMES
+from nfnets.optim.masks import param_groups
 from nfnets.optim.masks import param_labels
 from nfnets.optim.masks import path_to_str
 from nfnets.optim.masks import tree_paths
@@ -34,6 +39,8 @@ from nfnets.optim.sam import sam_perturbation
 
 __all__ = [
     'AGC_CLIPPING_TABLE',
+    'AGC_GROUPS',
+    'AGCState',
     'BY_BATCH',
     'CLASSIFIER_MODULE_REGEX',
     'CLASSIFIER_REGEX',
@@ -41,6 +48,8 @@ __all__ = [
     'LR_SCALINGS',
     'NO_DECAY_NAMES',
     'adaptive_grad_clip',
+    'agc_states',
+    'agc_statistics',
     'agc_clipping_for_batch_size',
     'agc_clipping_value',
     'agc_mask',
@@ -53,6 +62,7 @@ __all__ = [
     'is_classifier',
     'is_classifier_module',
     'make_optimizer',
+    'param_groups',
     'param_labels',
     'path_to_str',
     'peak_learning_rate',

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import numbers
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import (Any, Callable, Dict, List, Mapping, NamedTuple, Optional,
+                    Sequence, Union)
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from nfnets.optim.masks import path_to_str
+from nfnets.optim.masks import AGC_GROUPS, param_groups, path_to_str
 
 PyTree = Any
 Axes = Optional[tuple[int, ...]]
@@ -103,6 +105,14 @@ def _make_resolver(unit_axes: UnitAxesSpec) -> Callable[[str, Any], Axes]:
           return axes
       return default_unit_axes(path, leaf)
     return from_table
+  if isinstance(unit_axes, jax.Array):
+    raise TypeError(
+        'adaptive_grad_clip: unit_axes is a JAX array, as '
+        'optax.inject_hyperparams makes int arguments: pass a tuple instead '
+        '(unit_axes=(0,), kept static) or use '
+        "inject_hyperparams(adaptive_grad_clip, static_args='unit_axes').")
+  if isinstance(unit_axes, np.ndarray) and unit_axes.ndim <= 1:
+    unit_axes = tuple(int(a) for a in np.atleast_1d(unit_axes))
   if isinstance(unit_axes, (numbers.Integral, tuple, list)):
     fixed = unit_axes
     return lambda path, leaf: fixed
@@ -145,12 +155,22 @@ def unitwise_norm(x: jax.Array, axes: Axes) -> jax.Array:
 
 
 def _scale(g_sq: jax.Array, p_sq: jax.Array, clipping: Any,
-           eps: Any) -> jax.Array:
-  """Per-unit factor from squared norms: 1 below the threshold."""
+           eps: Any) -> tuple[jax.Array, jax.Array]:
+  """Per-unit factor from squared norms (1 below the threshold), and the
+  boolean mask of the units that are clipped."""
   g_norm = _safe_sqrt(g_sq)
   max_norm = jnp.maximum(_safe_sqrt(p_sq), eps) * clipping
-  return jnp.where(g_norm > max_norm,
-                   max_norm / jnp.maximum(g_norm, _DIV_EPS), 1.0)
+  clipped = g_norm > max_norm
+  return jnp.where(clipped, max_norm / jnp.maximum(g_norm, _DIV_EPS),
+                   1.0), clipped
+
+
+def _unit_stats(scale: jax.Array, clipped: jax.Array) -> tuple[Any, ...]:
+  """(units, units clipped, sum of factors) as float32 scalars, from the
+  per-unit arrays the clipping computes anyway (no pass over G or W)."""
+  f32 = jnp.float32
+  return (jnp.asarray(scale.size, f32), jnp.sum(clipped, dtype=f32),
+          jnp.sum(scale.astype(f32)))
 
 
 def _apply_scale(g: jax.Array, scale: jax.Array) -> jax.Array:
@@ -163,9 +183,15 @@ def _apply_scale(g: jax.Array, scale: jax.Array) -> jax.Array:
 def clip_leaf(g: jax.Array, p: jax.Array, axes: Axes, clipping: Any,
               eps: Any) -> jax.Array:
   """AGC on one leaf. Norms in float32; the result keeps ``g``'s dtype."""
-  scale = _scale(jnp.sum(_sq(g), axis=axes, keepdims=True),
-                 jnp.sum(_sq(p), axis=axes, keepdims=True), clipping, eps)
-  return _apply_scale(g, scale)
+  return _clip_leaf_stats(g, p, axes, clipping, eps)[0]
+
+
+def _clip_leaf_stats(g, p, axes, clipping, eps):
+  """(clipped g, units, units clipped, sum of factors) of one leaf."""
+  scale, clipped = _scale(jnp.sum(_sq(g), axis=axes, keepdims=True),
+                          jnp.sum(_sq(p), axis=axes, keepdims=True),
+                          clipping, eps)
+  return (_apply_scale(g, scale),) + _unit_stats(scale, clipped)
 
 
 # Whole-tensor units (gains, biases, skip_gain: ~2/3 of NFNet's leaves) up to
@@ -177,7 +203,10 @@ _GROUP_MAX_SIZE = 1 << 16
 
 
 def _clip_leaves(gs, ps, axes_list, clipping, eps):
-  """AGC over lists of leaves; small whole-tensor leaves are grouped."""
+  """AGC over lists of leaves; small whole-tensor leaves are grouped.
+
+  Returns a list of (clipped g, units, units clipped, sum of factors).
+  """
   out = [None] * len(gs)
   buckets = {}
   for i, (g, p, axes) in enumerate(zip(gs, ps, axes_list)):
@@ -187,25 +216,38 @@ def _clip_leaves(gs, ps, axes_list, clipping, eps):
       key = (n, _compute_dtype(g.dtype), _compute_dtype(p.dtype))
       buckets.setdefault(key, []).append(i)
     else:
-      out[i] = clip_leaf(g, p, axes, clipping, eps)
+      out[i] = _clip_leaf_stats(g, p, axes, clipping, eps)
   for (n, _, _), idx in buckets.items():
     if len(idx) == 1:
       i = idx[0]
-      out[i] = clip_leaf(gs[i], ps[i], None, clipping, eps)
+      out[i] = _clip_leaf_stats(gs[i], ps[i], None, clipping, eps)
       continue
     pad = lambda x: jnp.pad(x.astype(_compute_dtype(x.dtype)).reshape(-1),
                             (0, n - x.size))
     g_sq = jnp.sum(_sq(jnp.stack([pad(gs[i]) for i in idx])), axis=1)
     p_sq = jnp.sum(_sq(jnp.stack([pad(ps[i]) for i in idx])), axis=1)
-    scale = _scale(g_sq, p_sq, clipping, eps)
+    scale, clipped = _scale(g_sq, p_sq, clipping, eps)
     for j, i in enumerate(idx):
-      out[i] = _apply_scale(gs[i], scale[j])
+      out[i] = ((_apply_scale(gs[i], scale[j]),)
+                + _unit_stats(scale[j], clipped[j]))
   return out
+
+
+class AGCState(NamedTuple):
+  """AGC's statistics of its last update: three trees of the params'
+  structure (masked leaves absent) with one float32 scalar per leaf: its
+  number of units, how many of them were clipped, and the sum of their clip
+  factors (1 for a unit not clipped). Per leaf, so that sharded leaves'
+  counts can be summed across devices before aggregating."""
+  units: PyTree
+  clipped: PyTree
+  factor_sum: PyTree
 
 
 def adaptive_grad_clip(clipping: Any,
                        eps: Any = 1e-3,
                        unit_axes: UnitAxesSpec = None,
+                       stats: bool = True,
                        ) -> optax.GradientTransformation:
   r"""Adaptive Gradient Clipping (Brock et al., 2021), unit-wise.
 
@@ -255,7 +297,15 @@ def adaptive_grad_clip(clipping: Any,
   A leaf whose shape does not fit the stated axes raises ``ValueError``
   naming its path and shape.  (With ``optax.inject_hyperparams`` a callable
   ``unit_axes`` must be listed in ``static_args``, or optax treats it as a
-  schedule.)
+  schedule; an int becomes an array there: pass a tuple, which stays
+  static.)
+
+  **Statistics.**  With ``stats=True`` the state is an :class:`AGCState`
+  holding, per leaf, the units, units clipped and sum of clip factors of the
+  last update, computed from the per-unit factors the clipping needs anyway
+  (no extra pass over the gradients). It survives ``optax.chain``,
+  ``masked``, ``MultiSteps`` and ``inject_hyperparams``; read it with
+  :func:`agc_statistics` (overall and per group).
 
   Example (also a doctest)::
 
@@ -284,9 +334,11 @@ def adaptive_grad_clip(clipping: Any,
     eps: lower bound on parameter norms, so that zero-initialised parameters
       (biases, ``skip_gain``) can still move.
     unit_axes: layout override, see above.
+    stats: keep the clipping statistics in the state (default); False: an
+      empty state.
 
   Returns:
-    An ``optax.GradientTransformation`` with an empty state.
+    An ``optax.GradientTransformation``.
   """
   if isinstance(clipping, numbers.Real) and not clipping >= 0:
     raise ValueError(f'adaptive_grad_clip: clipping must be >= 0, got '
@@ -296,8 +348,10 @@ def adaptive_grad_clip(clipping: Any,
   resolve = _make_resolver(unit_axes)
 
   def init_fn(params):
-    del params
-    return optax.EmptyState()
+    if not stats:
+      return optax.EmptyState()
+    zeros = lambda: jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+    return AGCState(units=zeros(), clipped=zeros(), factor_sum=zeros())
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -320,6 +374,68 @@ def adaptive_grad_clip(clipping: Any,
     out = _clip_leaves([jnp.asarray(g) for _, g in u_leaves],
                        [jnp.asarray(p) for p in p_leaves], axes_list,
                        clipping, eps)
-    return jax.tree_util.tree_unflatten(u_def, out), state
+    tree = lambda k: jax.tree_util.tree_unflatten(u_def, [o[k] for o in out])
+    if stats:
+      state = AGCState(units=tree(1), clipped=tree(2), factor_sum=tree(3))
+    return tree(0), state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def agc_states(opt_state: PyTree) -> List[AGCState]:
+  """Every :class:`AGCState` inside an optax state (chain, masked,
+  MultiSteps, inject_hyperparams, partition, ...), in tree order."""
+  leaves = jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, AGCState))
+  return [x for x in leaves if isinstance(x, AGCState)]
+
+
+def agc_statistics(opt_state: PyTree, params: Optional[PyTree] = None,
+                   depths: Optional[Sequence[int]] = None,
+                   prefix: str = 'agc/') -> Dict[str, jax.Array]:
+  """Clipping statistics of the last update, overall and per group.
+
+  ``{prefix}clipped_frac``: fraction of units clipped; ``{prefix}clip_factor``:
+  mean clip factor over all units (1 for a unit not clipped, so 1 - it is
+  the mean shrinkage); the same per group of
+  :func:`nfnets.optim.masks.param_groups` ('stem', 'stage1' ... 'stage4',
+  'head') as ``{prefix}clipped_frac/stem`` ...: only the groups that have
+  clipped parameters. A pure function of the per-leaf counts (no pass over
+  gradients or params).
+
+  Args:
+    opt_state: an optax state holding one or more :class:`AGCState` (their
+      counts add up), or an ``AGCState`` itself.
+    params: the param tree, whose paths define the groups (stages by
+      ``conv_shortcut`` blocks); None: the paths of the statistics.
+    depths: blocks per stage, to place blocks without the shortcut rule.
+    prefix: prefix of the returned keys.
+  Raises:
+    ValueError: no AGCState in ``opt_state`` (AGC off, or ``stats=False``).
+  """
+  states = agc_states(opt_state)
+  if not states:
+    raise ValueError('agc_statistics: the optimizer state holds no AGCState: '
+                     'AGC is off, or adaptive_grad_clip(..., stats=False).')
+  if params is None:  # the union of the statistics' paths
+    params = {path_to_str(p): 0 for st in states
+              for p, _ in jax.tree_util.tree_leaves_with_path(st.units)}
+  labels = {path_to_str(path): label for path, label in
+            jax.tree_util.tree_leaves_with_path(param_groups(params, depths))}
+  sums = {}
+  for st in states:
+    fields = [jax.tree_util.tree_leaves_with_path(t)
+              for t in (st.units, st.clipped, st.factor_sum)]
+    for (path, units), (_, clipped), (_, fsum) in zip(*fields):
+      name = path_to_str(path)
+      label = labels.get(name, 'other')
+      for key in ('', label):
+        sums.setdefault(key, []).append((units, clipped, fsum))
+  out = {}
+  for key in [''] + [g for g in AGC_GROUPS if g in sums]:
+    units, clipped, fsum = (jnp.sum(jnp.stack(v)) for v in zip(*sums[key]))
+    units = jnp.maximum(units, 1.0)
+    suffix = f'/{key}' if key else ''
+    out[f'{prefix}clipped_frac{suffix}'] = clipped / units
+    out[f'{prefix}clip_factor{suffix}'] = fsum / units
+  return out

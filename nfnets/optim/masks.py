@@ -225,3 +225,68 @@ def param_labels(params: PyTree,
 def mask_fn(fn: Callable[..., PyTree], **kwargs) -> Callable[[PyTree], PyTree]:
   """``functools.partial``-like helper: ``mask_fn(agc_mask, exclude='x')``."""
   return lambda params: fn(params, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Architectural groups (for per-group statistics such as AGC's).
+
+# The groups of every family: the stem (NFNet 'stem_conv*', NF-ResNet /
+# NF-RegNet 'initial_conv'), the four stages of residual blocks, and the head
+# (final_conv, the classifier). Other root-level modules count as 'head'.
+AGC_GROUPS = ('stem', 'stage1', 'stage2', 'stage3', 'stage4', 'head')
+_STEM_RE = re.compile(r'^[^/]+/(?:~/)?(?:stem\w*|initial_conv)(?:/|$)')
+# 'NFNet/~/nf_block_3/...', 'NF_ResNet/~/nf_res_block/...' -> block index.
+_BLOCK_RE = re.compile(r'^[^/]+/(?:~/)?nf_(?:\w+_)?block(?:_(\d+))?(?:/|$)')
+_ROOT_MODULE_RE = re.compile(r'^[^/]+/(?:~/)?[^/]+/[^/]+$')
+
+
+def _block_index(path: str) -> Optional[int]:
+  m = _BLOCK_RE.match(path)
+  if m is None:
+    return None
+  return int(m.group(1) or 0)
+
+
+def _stage_starts(paths: Sequence[str],
+                  depths: Optional[Sequence[int]]) -> list[int]:
+  """First block index of each stage: from ``depths``, else the blocks that
+  hold a ``conv_shortcut`` (every family's stage transitions)."""
+  if depths is not None:
+    starts, total = [], 0
+    for d in depths:
+      starts.append(total)
+      total += int(d)
+    return starts
+  starts = sorted({_block_index(p) for p in paths
+                   if _block_index(p) is not None and '/conv_shortcut/' in p})
+  return starts if starts and starts[0] == 0 else [0] + starts
+
+
+def group_of(path: str, stage_starts: Sequence[int]) -> str:
+  """The group ('stem', 'stage1' ... 'stage4', 'head' or 'other') of a
+  param path, given the first block index of each stage."""
+  if _STEM_RE.match(path):
+    return 'stem'
+  index = _block_index(path)
+  if index is not None:
+    return f'stage{sum(1 for s in stage_starts if s <= index)}'
+  return 'head' if _ROOT_MODULE_RE.match(path) else 'other'
+
+
+def param_groups(params: PyTree,
+                 depths: Optional[Sequence[int]] = None) -> PyTree:
+  """String labels by architectural group, a tree of ``params``' structure.
+
+  Labels are :data:`AGC_GROUPS` ('stem', 'stage1' ... 'stage4', 'head') for
+  NFNet / NF-ResNet / NF-RegNet trees, 'other' for leaves outside a Haiku
+  root module. Stages come from ``depths`` (blocks per stage) when given,
+  else from the blocks with a ``conv_shortcut`` (the first block of every
+  stage has one in all three families, for every variant).
+
+  Args:
+    params: any param tree (or a tree of the same paths, e.g. statistics).
+    depths: blocks per stage, e.g. ``(1, 2, 6, 3)`` for F0.
+  """
+  paths = tree_paths(params)
+  starts = _stage_starts(jax.tree_util.tree_leaves(paths), depths)
+  return jax.tree_util.tree_map(lambda p: group_of(p, starts), paths)

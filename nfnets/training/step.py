@@ -26,8 +26,8 @@ def _device_mean(tree):
 
 def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
                     *, compute_dtype=jnp.float32, ema_decay: float = 0.99999,
-                    sam_rho: float = 0.0, grad_accum_steps: int = 1
-                    ) -> Callable:
+                    sam_rho: float = 0.0, grad_accum_steps: int = 1,
+                    agc_stats: bool = False) -> Callable:
   """Returns train_step(state, batch, rng) -> (state, metrics).
 
   Args:
@@ -44,6 +44,10 @@ def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
       once, on the accumulated gradient -- clipping each micro-batch would
       be a different update. No buffer outlives the step. The micro-batch
       index is folded into the rng; loss and top1 are micro-batch means.
+    agc_stats: add AGC's clipping statistics of this update to the metrics
+      ('agc/clipped_frac', 'agc/clip_factor', and per group '.../stem', ...,
+      from the optimizer state: nfnets.optim.agc_statistics); nothing when
+      the optimizer has no AGC. A skipped step reports the previous ones.
 
   batch: 'images' [B, H, W, C]; 'labels' [B, num_classes] soft targets
   (one-hot, smoothed and/or mixed). A step whose loss or gradients are not
@@ -145,6 +149,8 @@ def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
         'param_norm': optax.tree.norm(params),
         'skipped': 1.0 - finite.astype(jnp.float32),
     }
+    if agc_stats and optim.agc_states(opt_state):
+      metrics.update(optim.agc_statistics(opt_state, params))
     return new_state, metrics
 
   return train_step
