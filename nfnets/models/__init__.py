@@ -15,6 +15,7 @@ from nfnets.models.layers import (ACTIVATION_GAMMAS, CONV_LOWERINGS,
 from nfnets.models.nf_regnet import NFRegNet
 from nfnets.models.nf_resnet import NFResNet
 from nfnets.models.nfnet import NFBlock, NFNet
+from nfnets.models.nfnet_l import NFNetL
 from nfnets.models.registry import (build, count_params, feature_info,
                                     forward_fn, get_variant, param_shapes,
                                     variants)

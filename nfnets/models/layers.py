@@ -146,6 +146,7 @@ class WSConv2D(hk.Module):
     padding: 'SAME' or 'VALID'.
     feature_group_count: number of groups (grouped convolution).
     eps: floor of var * fan_in (1e-4 in the release).
+    gain_init: initial value of the per-output 'gain' (1).
     conv_lowering: how the convolution is lowered, same function and
       parameters either way: 'xla' (one XLA convolution, grouped natively,
       jnp.mean / jnp.var standardisation), 'cpu' (nfnets.models.cpu_conv: one
@@ -162,8 +163,10 @@ class WSConv2D(hk.Module):
                feature_group_count: int = 1,
                eps: float = 1e-4,
                conv_lowering: Optional[str] = None,
-               name: Optional[str] = None):
+               name: Optional[str] = None,
+               gain_init: float = 1.0):
     super().__init__(name=name)
+    self.gain_init = gain_init
     self.output_channels = output_channels
     self.kernel_shape = _pair(kernel_shape)
     self.stride = _pair(stride)
@@ -188,8 +191,9 @@ class WSConv2D(hk.Module):
     w = hk.get_parameter(
         'w', shape, jnp.float32,
         init=hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal'))
-    gain = hk.get_parameter('gain', (self.output_channels,), jnp.float32,
-                            init=jnp.ones)
+    gain = hk.get_parameter(
+        'gain', (self.output_channels,), jnp.float32,
+        init=lambda shape, dtype: jnp.full(shape, self.gain_init, dtype))
     hook = _KERNEL_HOOK.get()
     if hook is None:
       return self.standardize(w, gain)

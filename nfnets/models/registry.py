@@ -11,9 +11,11 @@ from nfnets.models.layers import FeatureInfo
 from nfnets.models.nf_regnet import NFRegNet
 from nfnets.models.nf_resnet import NFResNet
 from nfnets.models.nfnet import NFNet
+from nfnets.models.nfnet_l import NFNetL
 from nfnets.models.variants import VARIANTS, VariantSpec
 
-_FAMILIES = {'nfnet': NFNet, 'nf_resnet': NFResNet, 'nf_regnet': NFRegNet}
+_FAMILIES = {'nfnet': NFNet, 'nf_resnet': NFResNet, 'nf_regnet': NFRegNet,
+             'nfnet_l': NFNetL}
 
 
 def variants() -> List[str]:
