@@ -184,6 +184,8 @@ def from_timm(state_dict: Mapping[str, Any], variant: Optional[str] = None
       None -> `detect_variant`.
   """
   sd = {k: torch_layout._np(v) for k, v in state_dict.items()}  # pylint: disable=protected-access
+  for k in [k for k in sd if k.endswith('.skipinit_gain')]:
+    sd[k] = np.reshape(sd[k], ())  # a scalar; some writers store it as [1]
   _check_supported(sd)
   variant = variant or detect_variant(sd)
   import nfnets.models as M  # pylint: disable=g-import-not-at-top
