@@ -287,7 +287,7 @@ def describe(resolved: ml_collections.ConfigDict) -> str:
 
 
 _FAMILY_CLASSES = {'nfnet': models.NFNet, 'nf_resnet': models.NFResNet,
-                   'nf_regnet': models.NFRegNet}
+                   'nf_regnet': models.NFRegNet, 'nfnet_l': models.NFNetL}
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None

@@ -120,7 +120,7 @@ def _make_table():
 VARIANTS = _make_table()
 
 _FAMILY_NAMES = {'nfnet': 'NFNet', 'nf_resnet': 'NF-ResNet',
-                 'nf_regnet': 'NF-RegNet', 'nfnet_l': 'NFNet-L (timm)'}
+                 'nf_regnet': 'NF-RegNet', 'nfnet_l': 'NFNet-L'}
 
 
 def family_variant(variant: str, family: str) -> VariantSpec:
