@@ -84,6 +84,7 @@ RECIPES: Dict[str, Recipe] = {
 # timm's NFNet-L variants (nfnet_l.py) train with the F-series recipe here;
 # timm's own ra2/ra3 recipes are not reproduced.
 RECIPES['nfnet_l'] = RECIPES['nfnet']
+RECIPES['nf_resnet_timm'] = RECIPES['nf_resnet']  # timm's nf_resnet50
 
 
 def recipe_for(spec: VariantSpec) -> Recipe:

@@ -20,10 +20,13 @@ from nfnets.checkpoints import timm as T
 DATA = os.path.join(os.path.dirname(__file__), 'data', 'timm')
 TINY_L = dict(depth=(1, 1, 1, 1), width=0.0625, group_size=8)
 TINY_F = dict(depth=(1, 1, 1, 1), width=0.125)
+TINY_R = dict(depth=(1, 1, 1, 1), width=0.0625)
 
 # timm's published parameter counts (timm 1.0.x, 1000 classes; PAPER.md).
 TIMM_PARAMS = {'eca_nfnet_l0': 24_143_924, 'eca_nfnet_l1': 41_407_728,
-               'eca_nfnet_l2': 56_722_348, 'nfnet_l0': 35_074_488}
+               'eca_nfnet_l2': 56_722_348, 'nfnet_l0': 35_074_488,
+               'timm_nf_resnet50': 25_557_032}  # timm's nf_resnet50
+TOPS = {'nfnet_l': 'NFNet_L', 'nfnet': 'NFNet', 'nf_resnet_timm': 'NF_ResNet_T'}
 
 # Our block submodule -> timm's (NFNet-L and dm_nfnet agree on these).
 _CONVS = {'conv0': 'conv1', 'conv1': 'conv2', 'conv1b': 'conv2b',
@@ -34,11 +37,12 @@ _SE = {'squeeze_excite/~/linear': 'attn_last.fc1',
 
 def _block_positions(tree, top):
   """Our block index -> (stage, index in stage), from the conv_shortcuts."""
-  n = sum(1 for m in tree if m.startswith(f'{top}/~/nf_block')
+  block = 'nf_res_block' if top == 'NF_ResNet_T' else 'nf_block'
+  n = sum(1 for m in tree if m.startswith(f'{top}/~/{block}')
           and m.endswith('/~/conv0'))
   out, stage, b = {}, -1, 0
   for k in range(n):
-    name = f'{top}/~/nf_block' + (f'_{k}' if k else '')
+    name = f'{top}/~/{block}' + (f'_{k}' if k else '')
     if f'{name}/~/conv_shortcut' in tree:
       stage, b = stage + 1, 0
     out[name], b = (stage, b), b + 1
@@ -60,14 +64,16 @@ def timm_layout(tree, top):
 
   for module, p in tree.items():
     rest = module[len(top) + 3:]
-    if rest.startswith('stem_conv'):
+    if rest == 'initial_conv':
+      conv('stem.conv', p)
+    elif rest.startswith('stem_conv'):
       conv(f'stem.conv{int(rest[-1]) + 1}', p)
     elif rest == 'final_conv':
       conv('final_conv', p)
     elif rest == 'linear':
       sd['head.fc.weight'], sd['head.fc.bias'] = t(p['w'], 1, 0), p['b']
     else:
-      m = re.match(r'^(nf_block(?:_\d+)?)(?:/~/(.+))?$', rest)
+      m = re.match(r'^(nf_(?:res_)?block(?:_\d+)?)(?:/~/(.+))?$', rest)
       s, b = blocks[f'{top}/~/{m.group(1)}']
       sub = m.group(2)
       prefix = f'stages.{s}.{b}'
@@ -112,7 +118,8 @@ def test_new_variants_have_timms_parameter_counts(name, l_shapes):
 @pytest.mark.parametrize('name', sorted(TIMM_PARAMS))
 def test_variant_is_recognised_from_timm_keys_and_from_our_tree(
     name, l_shapes):
-  sd = timm_layout(_shape_only(l_shapes[name]), 'NFNet_L')
+  top = TOPS[M.get_variant(name).family]
+  sd = timm_layout(_shape_only(l_shapes[name]), top)
   assert T.detect_variant(sd) == name
   assert C.infer_variant(l_shapes[name]) == name
 
@@ -122,12 +129,15 @@ def test_dm_nfnet_is_recognised_as_f_variant():
   assert T.detect_variant(sd) == 'F0'
 
 
-@pytest.mark.parametrize('name', ['eca_nfnet_l0', 'nfnet_l0'])
-def test_timm_written_file_gives_timms_logits(name):
-  ref = np.load(os.path.join(DATA, f'{name}_tiny_ref.npz'))
-  params = C.load_pretrained(os.path.join(DATA, f'{name}_tiny.safetensors'),
-                             name, model_kwargs=TINY_L)
-  fwd = M.forward_fn(name, 10, **TINY_L)
+@pytest.mark.parametrize('timm_name,name,kwargs', [
+    ('eca_nfnet_l0', 'eca_nfnet_l0', TINY_L), ('nfnet_l0', 'nfnet_l0', TINY_L),
+    ('nf_resnet50', 'timm_nf_resnet50', TINY_R)])
+def test_timm_written_file_gives_timms_logits(timm_name, name, kwargs):
+  ref = np.load(os.path.join(DATA, f'{timm_name}_tiny_ref.npz'))
+  params = C.load_pretrained(
+      os.path.join(DATA, f'{timm_name}_tiny.safetensors'), name,
+      model_kwargs=kwargs)
+  fwd = M.forward_fn(name, 10, **kwargs)
   out = jax.jit(lambda p, x: fwd.apply(p, None, x, False))(params,
                                                            ref['image'])
   np.testing.assert_allclose(out['pool'], ref['pool'], rtol=1e-4, atol=1e-5)
@@ -157,11 +167,15 @@ def test_timm_layout_loads_like_the_native_file(tmp_path, name, top, kwargs):
   np.testing.assert_array_equal(apply(from_timm), apply(from_native))
 
 
-@pytest.mark.parametrize('kernel,what', [(7, 'NF-ResNet'), (3, 'NF-RegNet')])
+@pytest.mark.parametrize('kernel,what', [(7, 'NF-SE/ECA-ResNet'),
+                                         (3, 'NF-RegNet')])
 def test_unsupported_timm_models_are_refused_with_the_reason(
     tmp_path, kernel, what):
   path = str(tmp_path / 'model.safetensors')
   save_file({'stem.conv.weight': np.zeros((8, 3, kernel, kernel), np.float32),
+             'stages.0.0.attn_last.fc1.weight': np.zeros((2, 8, 1, 1),
+                                                         np.float32),
              'head.fc.weight': np.zeros((10, 8), np.float32)}, path)
-  with pytest.raises(C.CheckpointError, match=f'{what}.*not supported'):
+  with pytest.raises(C.CheckpointError,
+                     match=f'{re.escape(what)}.*not supported'):
     C.load_pretrained(path)

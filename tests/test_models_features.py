@@ -15,6 +15,7 @@ TINY = {
     'nf_resnet50': dict(depth=(1, 1, 1, 1), width=0.125),
     'nf_regnet_b0': dict(depth=(1, 1, 1, 1), width=0.25),
     'eca_nfnet_l0': dict(depth=(1, 1, 1, 1), width=0.0625, group_size=8),
+    'timm_nf_resnet50': dict(depth=(1, 1, 1, 1), width=0.0625),
 }
 # Sizes: a multiple of 32 and an odd, non-square one (partial windows).
 SIZES = [(32, 32), (45, 38)]

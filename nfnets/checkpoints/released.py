@@ -18,7 +18,7 @@ not the file name):
     StandardCheckpointer) + DIR/nfnets_checkpoint.json.
   * Our own training checkpoints (a workdir, its checkpoints/ dir or one step
     dir), via `nfnets.checkpoints.run.restore_params(path, which)`.
-  * timm's Hugging Face `model.safetensors` (dm_nfnet_f*, eca_nfnet_l*,
+  * timm's Hugging Face `model.safetensors` (dm_nfnet_f*, eca_nfnet_l*, nf_resnet50,
     nfnet_l0), converted by `nfnets.checkpoints.timm` (variant inferred).
 
 Every loaded tree is checked against the model's parameter shapes
@@ -371,7 +371,8 @@ def infer_variant(params: Mapping[str, Mapping[str, Any]]) -> Optional[str]:
                                             spec.final_conv_mult) == final[-1]))):
         return name
     return None
-  family = {'NF_ResNet': 'nf_resnet', 'NF_RegNet': 'nf_regnet'}.get(summary.top)
+  family = {'NF_ResNet': 'nf_resnet', 'NF_RegNet': 'nf_regnet',
+            'NF_ResNet_T': 'nf_resnet_timm'}.get(summary.top)
   if family is None or summary.num_classes is None:
     return None
   for name in M.variants():
@@ -496,7 +497,7 @@ def load_pretrained(path: str, variant: Optional[str] = None,
     path: DeepMind's released file (a dill pickle, e.g. F0_haiku.npz), a
       plain .npz written by `save_npz` / convert_checkpoint.py (flat or torch
       layout), an orbax checkpoint directory of ours, or timm's
-      model.safetensors (dm_nfnet_f*, eca_nfnet_l*, nfnet_l0).
+      model.safetensors (dm_nfnet_f*, eca_nfnet_l*, nfnet_l0, nf_resnet50).
     variant: e.g. 'F0'. None -> inferred from the tree (blocks per stage and
       widths); an error if it matches no known variant.
     num_classes: classifier size to expect; None -> whatever the file has.

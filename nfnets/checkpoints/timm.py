@@ -7,6 +7,7 @@ it to our Haiku tree:
   timm model (hub repo timm/<name>.<tag>)   our variant   conversion
   dm_nfnet_f0 .. dm_nfnet_f6                'F0'..'F6'    torch_layout
   eca_nfnet_l0/l1/l2, nfnet_l0              same names    below ('NFNet_L')
+  nf_resnet50                               timm_nf_resnet50  below
 
 timm names and layouts (timm/models/nfnet.py): convs 'weight' OIHW [out,
 in/groups, kh, kw], 'gain' [out, 1, 1, 1], 'bias' [out]; 'stem.conv1'..'4';
@@ -16,15 +17,18 @@ strided), conv2b, conv3 (1x1), downsample.conv, attn_last.conv.weight (ECA,
 skipinit_gain (dm_ models only); 'final_conv'; 'head.fc' (nn.Linear, [out,
 in]). Our block k is the k-th (stage, block) pair in order.
 
-Not supported: timm's nf_resnet50 and nf_regnet_b1 (and its other nf_*
-models). Their parameter shapes are close to ours but their function is
-not: timm's NF-ResNet shortcut is an average pool + 1x1 conv where ours (the
-paper's) is a strided 1x1 conv; NF-RegNet rounds every width to a multiple
-of 8 (nf_regnet_b1 has 10,223,984 parameters, ours 10,019,208); both use
-PyTorch padding, gamma folded into every conv (also the stem's first conv),
-eps inside the variance and no skip gain. Loading them would need those as
-switches on NFResNet / NFRegNet; refused with this reason. Also refused:
-timm's non-dm `nfnet_f*` (no released weights).
+timm's nf_resnet50 is not the paper's NF-ResNet (its shortcut is a 2x2
+average pool + 1x1 conv where the paper's is a strided 1x1 conv, and it has
+timm's numerics), so it loads into its own variant 'timm_nf_resnet50'
+(nfnets/models/nf_resnet_timm.py; stem 'stem.conv' -> initial_conv, blocks
+-> 'NF_ResNet_T/~/nf_res_block[_k]' conv0/conv1/conv2/conv_shortcut).
+
+Not supported: timm's nf_regnet_b1 (and its nf_seresnet* / nf_ecaresnet*,
+which have no weights on the hub). timm's NF-RegNet rounds every width to
+a multiple of 8 (nf_regnet_b1 has 10,223,984 parameters, ours 10,019,208)
+besides timm's numerics; it would need its own variant like the one above.
+Refused with this reason. Also refused: timm's non-dm `nfnet_f*` (no
+released weights).
 """
 import os
 import re
@@ -50,7 +54,7 @@ _UNSUPPORTED = (
     "{ours} (timm: avg-pool shortcuts / widths rounded to 8 / PyTorch "
     "padding / gamma in every conv / no skip gain); see "
     "nfnets/checkpoints/timm.py. Supported timm files: dm_nfnet_f0..f6, "
-    "eca_nfnet_l0..l2, nfnet_l0.")
+    "eca_nfnet_l0..l2, nfnet_l0, nf_resnet50.")
 
 
 def is_safetensors(path: str) -> bool:
@@ -93,13 +97,22 @@ def _stage_layout(sd: Mapping[str, Any]):
   return blocks, tuple(depths), tuple(widths)
 
 
+def _is_timm_resnet(sd: Mapping[str, Any]) -> bool:
+  """timm's NF-ResNet without attention (nf_resnet26/50/101)."""
+  return ('stem.conv.weight' in sd
+          and np.shape(sd['stem.conv.weight'])[-1] == 7
+          and not any('.attn' in k for k in sd))
+
+
 def _check_supported(sd: Mapping[str, Any]) -> None:
-  if 'stem.conv.weight' in sd:
+  if 'stem.conv.weight' in sd and not _is_timm_resnet(sd):
     seven = np.shape(sd['stem.conv.weight'])[-1] == 7
     raise CheckpointError(_UNSUPPORTED.format(
-        what='NF-ResNet (nf_resnet*, 7x7 stem)' if seven else
+        what='NF-SE/ECA-ResNet (nf_seresnet*, nf_ecaresnet*)' if seven else
         'NF-RegNet (nf_regnet_b*, 3x3 stem)',
         ours='NF-ResNet' if seven else 'NF-RegNet'))
+  if _is_timm_resnet(sd) and 'head.fc.weight' in sd:
+    return
   if 'stem.conv1.weight' not in sd or 'head.fc.weight' not in sd:
     raise CheckpointError(
         'Not a timm NFNet-family state dict (no stem.conv1 / head.fc); '
@@ -111,6 +124,15 @@ def detect_variant(sd: Mapping[str, Any]) -> str:
   import nfnets.models as M  # pylint: disable=g-import-not-at-top
   _check_supported(sd)
   _, depths, widths = _stage_layout(sd)
+  if _is_timm_resnet(sd):
+    for name in M.variants():
+      spec = M.get_variant(name)
+      if (spec.family == 'nf_resnet_timm' and tuple(spec.depth) == depths
+          and tuple(spec.width) == widths):
+        return name
+    raise CheckpointError(
+        f'timm NF-ResNet with blocks per stage {depths}: only nf_resnet50 '
+        f'(3, 4, 6, 3) has a variant here (timm_nf_resnet50).')
   eca = any(k.endswith('attn_last.conv.weight') for k in sd)
   dm = any(k.endswith('skipinit_gain') for k in sd)
   final = int(np.shape(sd['final_conv.weight'])[0])
@@ -137,15 +159,21 @@ def _conv(sd, prefix: str, used: set) -> Dict[str, np.ndarray]:
   return torch_layout._conv_from_torch(prefix, sd)  # pylint: disable=protected-access
 
 
-def _nfnet_l_params(sd: Mapping[str, Any]) -> Params:
-  """timm eca_nfnet_l* / nfnet_l0 keys -> the 'NFNet_L' Haiku tree."""
+def _timm_params(sd: Mapping[str, Any], resnet: bool) -> Params:
+  """timm eca_nfnet_l* / nfnet_l0 keys -> the 'NFNet_L' Haiku tree;
+  nf_resnet50 keys -> the 'NF_ResNet_T' tree."""
   used: set = set()
   params: Params = {}
-  for i in range(4):
-    params[f'{_TOP}/~/stem_conv{i}'] = _conv(sd, f'stem.conv{i + 1}', used)
+  top, block_name = ('NF_ResNet_T', 'nf_res_block') if resnet else (
+      _TOP, 'nf_block')
+  if resnet:
+    params[f'{top}/~/initial_conv'] = _conv(sd, 'stem.conv', used)
+  else:
+    for i in range(4):
+      params[f'{top}/~/stem_conv{i}'] = _conv(sd, f'stem.conv{i + 1}', used)
   blocks, _, _ = _stage_layout(sd)
   for k, (s, b) in enumerate(blocks):
-    name = f'{_TOP}/~/nf_block' + (f'_{k}' if k else '')
+    name = f'{top}/~/{block_name}' + (f'_{k}' if k else '')
     prefix = f'stages.{s}.{b}'
     for timm_name, ours in _CONVS.items():
       if f'{prefix}.{timm_name}.weight' in sd:
@@ -162,9 +190,10 @@ def _nfnet_l_params(sd: Mapping[str, Any]) -> Params:
         params[f'{name}/~/{ours}'] = {
             'w': np.ascontiguousarray(w.reshape(w.shape[:2]).T),
             'b': np.asarray(sd[bias])}
-  params[f'{_TOP}/~/final_conv'] = _conv(sd, 'final_conv', used)
+  if not resnet:
+    params[f'{top}/~/final_conv'] = _conv(sd, 'final_conv', used)
   used.update(('head.fc.weight', 'head.fc.bias'))
-  params[f'{_TOP}/~/linear'] = {
+  params[f'{top}/~/linear'] = {
       'w': np.ascontiguousarray(np.asarray(sd['head.fc.weight']).T),
       'b': np.asarray(sd['head.fc.bias'])}
   left = sorted(set(sd) - used)
@@ -193,8 +222,8 @@ def from_timm(state_dict: Mapping[str, Any], variant: Optional[str] = None
   try:
     if family == 'nfnet':
       return torch_layout.from_torch_layout(sd), variant
-    if family == 'nfnet_l':
-      return _nfnet_l_params(sd), variant
+    if family in ('nfnet_l', 'nf_resnet_timm'):
+      return _timm_params(sd, family == 'nf_resnet_timm'), variant
   except KeyError as e:
     raise CheckpointError(f'timm state dict lacks {e}.') from None
   raise CheckpointError(f'No timm conversion for {variant} ({family}).')

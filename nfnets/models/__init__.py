@@ -14,6 +14,7 @@ from nfnets.models.layers import (ACTIVATION_GAMMAS, CONV_LOWERINGS,
                                   kernel_hook, stochastic_depth)
 from nfnets.models.nf_regnet import NFRegNet
 from nfnets.models.nf_resnet import NFResNet
+from nfnets.models.nf_resnet_timm import TimmNFResNet
 from nfnets.models.nfnet import NFBlock, NFNet
 from nfnets.models.nfnet_l import NFNetL
 from nfnets.models.registry import (build, count_params, feature_info,

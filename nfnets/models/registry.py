@@ -10,12 +10,13 @@ import numpy as np
 from nfnets.models.layers import FeatureInfo
 from nfnets.models.nf_regnet import NFRegNet
 from nfnets.models.nf_resnet import NFResNet
+from nfnets.models.nf_resnet_timm import TimmNFResNet
 from nfnets.models.nfnet import NFNet
 from nfnets.models.nfnet_l import NFNetL
 from nfnets.models.variants import VARIANTS, VariantSpec
 
 _FAMILIES = {'nfnet': NFNet, 'nf_resnet': NFResNet, 'nf_regnet': NFRegNet,
-             'nfnet_l': NFNetL}
+             'nfnet_l': NFNetL, 'nf_resnet_timm': TimmNFResNet}
 
 
 def variants() -> List[str]:

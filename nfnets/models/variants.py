@@ -105,6 +105,12 @@ def _make_table():
     table[name] = VariantSpec(name, 'nfnet_l', _F_WIDTH, depth, train, test,
                               ra, drop, use_se=attn == 'se', attention=attn,
                               final_conv_mult=mult, timm_name=name)
+  # timm's own NF-ResNet-50 (nf_resnet_timm.py): its pretrained weights
+  # were trained at 256 px and are evaluated at 288 (timm's config).
+  table['timm_nf_resnet50'] = VariantSpec(
+      'timm_nf_resnet50', 'nf_resnet_timm', (256, 512, 1024, 2048),
+      _NF_RESNET_DEPTHS['50'], 256, 288, None, 0.25, use_se=False,
+      timm_name='nf_resnet50')
   for depth_name, depth in _NF_RESNET_DEPTHS.items():
     for se in (False, True):
       name = f'nf_{"se" if se else ""}resnet{depth_name}'
@@ -120,7 +126,8 @@ def _make_table():
 VARIANTS = _make_table()
 
 _FAMILY_NAMES = {'nfnet': 'NFNet', 'nf_resnet': 'NF-ResNet',
-                 'nf_regnet': 'NF-RegNet', 'nfnet_l': 'NFNet-L'}
+                 'nf_regnet': 'NF-RegNet', 'nfnet_l': 'NFNet-L',
+                 'nf_resnet_timm': 'NF-ResNet (timm)'}
 
 
 def family_variant(variant: str, family: str) -> VariantSpec:

@@ -1,9 +1,9 @@
 """Regenerates the timm fixtures of tests/test_checkpoints_timm.py.
 
 Needs torch and timm (NOT dependencies of this package; install them in a
-scratch environment). For each of timm's eca_nfnet_l0 and nfnet_l0, a tiny
-configuration (blocks (1, 1, 1, 1), width_factor 0.0625, group size 8, 10
-classes) with random weights (gains, biases and ECA taps perturbed so every
+scratch environment). For each of timm's eca_nfnet_l0, nfnet_l0 and nf_resnet50, a tiny
+configuration (blocks (1, 1, 1, 1), width_factor 0.0625, group size 8 for
+the NFNets, 10 classes) with random weights (gains, biases and ECA taps perturbed so every
 path matters) is saved as <name>_tiny.safetensors, and timm's logits and
 pooled features for one fixed 37x41 image as <name>_tiny_ref.npz (image
 NHWC). Run from this directory: python make_fixtures.py
@@ -18,8 +18,10 @@ TINY = dict(depths=(1, 1, 1, 1), width_factor=0.0625, group_size=8)
 
 def main():
   torch.manual_seed(0)
-  for name in ('eca_nfnet_l0', 'nfnet_l0'):
-    model = timm.create_model(name, num_classes=10, **TINY).eval()
+  for name in ('eca_nfnet_l0', 'nfnet_l0', 'nf_resnet50'):
+    tiny = {k: v for k, v in TINY.items()
+            if name != 'nf_resnet50' or k != 'group_size'}
+    model = timm.create_model(name, num_classes=10, **tiny).eval()
     with torch.no_grad():
       for key, p in model.named_parameters():
         if key.endswith('.gain'):
