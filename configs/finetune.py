@@ -16,7 +16,8 @@ The config argument picks the architecture of the checkpoint: 'demo' (the
 default; configs/demo.py's 1/8-width F0) or a variant name such as 'F0'
 (the released weights: F0..F5, F6; timm's dm_nfnet_f0..f6 files too) or
 'eca_nfnet_l0'..'eca_nfnet_l2', 'nfnet_l0', 'timm_nf_resnet50' (timm's
-files). The architecture must match the checkpoint; everything else is free. Fields used by the loop:
+files). The architecture must match the checkpoint; everything else is free.
+Fields used by the loop:
 
   init.checkpoint        required: released pickle (loaded without running
                          code), our .npz / orbax dir, a training workdir, or

@@ -18,8 +18,8 @@ not the file name):
     StandardCheckpointer) + DIR/nfnets_checkpoint.json.
   * Our own training checkpoints (a workdir, its checkpoints/ dir or one step
     dir), via `nfnets.checkpoints.run.restore_params(path, which)`.
-  * timm's Hugging Face `model.safetensors` (dm_nfnet_f*, eca_nfnet_l*, nf_resnet50,
-    nfnet_l0), converted by `nfnets.checkpoints.timm` (variant inferred).
+  * timm's Hugging Face `model.safetensors` (dm_nfnet_f*, eca_nfnet_l*,
+    nfnet_l0, nf_resnet50), converted by `nfnets.checkpoints.timm` (variant inferred).
 
 Every loaded tree is checked against the model's parameter shapes
 (`nfnets.models.param_shapes`): module paths, names, shapes and dtypes, with
@@ -364,11 +364,12 @@ def infer_variant(params: Mapping[str, Mapping[str, Any]]) -> Optional[str]:
     final = _shape(params.get(f'{summary.top}/~/final_conv', {}).get('w', ()))
     for name in M.variants():
       spec = M.get_variant(name)
-      if (spec.family == family and tuple(spec.depth) == summary.depths
-          and tuple(spec.width) == summary.widths and (
-              family == 'nfnet' or ((spec.attention == 'eca') == eca and final
-                                    and int(spec.width[-1] *
-                                            spec.final_conv_mult) == final[-1]))):
+      if (spec.family != family or tuple(spec.depth) != summary.depths
+          or tuple(spec.width) != summary.widths):
+        continue
+      if family == 'nfnet' or (
+          (spec.attention == 'eca') == eca and final
+          and int(spec.width[-1] * spec.final_conv_mult) == final[-1]):
         return name
     return None
   family = {'NF_ResNet': 'nf_resnet', 'NF_RegNet': 'nf_regnet',

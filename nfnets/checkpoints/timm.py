@@ -156,7 +156,8 @@ def detect_variant(sd: Mapping[str, Any]) -> str:
 
 def _conv(sd, prefix: str, used: set) -> Dict[str, np.ndarray]:
   used.update(f'{prefix}.{n}' for n in ('weight', 'gain', 'bias'))
-  return torch_layout._conv_from_torch(prefix, sd)  # pylint: disable=protected-access
+  return torch_layout._conv_from_torch(  # pylint: disable=protected-access
+      prefix, sd)
 
 
 def _timm_params(sd: Mapping[str, Any], resnet: bool) -> Params:
@@ -212,7 +213,8 @@ def from_timm(state_dict: Mapping[str, Any], variant: Optional[str] = None
     variant: our variant name (e.g. for a model built with overrides);
       None -> `detect_variant`.
   """
-  sd = {k: torch_layout._np(v) for k, v in state_dict.items()}  # pylint: disable=protected-access
+  to_np = torch_layout._np  # pylint: disable=protected-access
+  sd = {k: to_np(v) for k, v in state_dict.items()}
   for k in [k for k in sd if k.endswith('.skipinit_gain')]:
     sd[k] = np.reshape(sd[k], ())  # a scalar; some writers store it as [1]
   _check_supported(sd)
