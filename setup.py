@@ -30,6 +30,8 @@ setup(
         'tensorboardX>=2.6.5',
         'matplotlib>=3.11.2',
         'absl-py>=2.5.1',
+        # timm / Hugging Face model.safetensors (NumPy API; no torch).
+        'safetensors>=0.8.0',
     ],
     extras_require={
         'test': ['pytest>=9.0.3', 'pytest-xdist>=3.8.0', 'hypothesis>=6.155.2',

@@ -8,14 +8,20 @@
   python -m nfnets.train --config=configs/finetune.py:F0 \\
       --config.init.checkpoint=/path/F0_haiku.npz \\
       --config.train.freeze_body=True --workdir=/tmp/ft_f0
+  # from timm's Hugging Face weights (timm/eca_nfnet_l0's model.safetensors):
+  python -m nfnets.train --config=configs/finetune.py:eca_nfnet_l0 \
+      --config.init.checkpoint=/path/model.safetensors --workdir=/tmp/ft_l0
 
 The config argument picks the architecture of the checkpoint: 'demo' (the
 default; configs/demo.py's 1/8-width F0) or a variant name such as 'F0'
-(the released weights: F0..F5, F6). The architecture must match the
-checkpoint; everything else is free. Fields used by the loop:
+(the released weights: F0..F5, F6; timm's dm_nfnet_f0..f6 files too) or
+'eca_nfnet_l0'..'eca_nfnet_l2', 'nfnet_l0', 'timm_nf_resnet50' (timm's
+files). The architecture must match the checkpoint; everything else is free.
+Fields used by the loop:
 
   init.checkpoint        required: released pickle (loaded without running
-                         code), our .npz / orbax dir, or a training workdir
+                         code), our .npz / orbax dir, a training workdir, or
+                         timm's model.safetensors
   init.params            'ema' | 'raw' (own checkpoints hold both)
   init.reset_classifier  True: the classifier is re-initialised for the
                          target's classes (N(0, 0.01) weights, zero bias --

@@ -295,7 +295,8 @@ def describe(resolved: ml_collections.ConfigDict) -> str:
 
 
 _FAMILY_CLASSES = {'nfnet': models.NFNet, 'nf_resnet': models.NFResNet,
-                   'nf_regnet': models.NFRegNet}
+                   'nf_regnet': models.NFRegNet, 'nfnet_l': models.NFNetL,
+                   'nf_resnet_timm': models.TimmNFResNet}
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None

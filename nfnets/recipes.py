@@ -81,6 +81,10 @@ RECIPES: Dict[str, Recipe] = {
                         cosine_end_lr=0.0, mixup_alpha=0.0, cutmix=False,
                         randaug=False),
 }
+# timm's NFNet-L variants (nfnet_l.py) train with the F-series recipe here;
+# timm's own ra2/ra3 recipes are not reproduced.
+RECIPES['nfnet_l'] = RECIPES['nfnet']
+RECIPES['nf_resnet_timm'] = RECIPES['nf_resnet']  # timm's nf_resnet50
 
 
 def recipe_for(spec: VariantSpec) -> Recipe:

@@ -6,10 +6,14 @@
       --fake_examples 512 --image_size 64          # smoke test, no data
   python scripts/eval.py --checkpoint /tmp/workdir --params raw \\
       --dataset digits                              # our own checkpoint
+  python scripts/eval.py --checkpoint model.safetensors \\
+      --data_dir ~/tensorflow_datasets  # timm/eca_nfnet_l0 (Hugging Face)
 
 --checkpoint takes anything `nfnets.checkpoints.load_pretrained` reads: the
 released pickles (loaded without executing code), our .npz / orbax files,
-a training workdir. The variant is inferred from the weights unless given.
+a training workdir, timm's model.safetensors (dm_nfnet_f0..f6,
+eca_nfnet_l0..l2, nfnet_l0, nf_resnet50). The variant is inferred from the
+weights unless given.
 Images are resized to (size + 32)^2 and centre-cropped to the variant's test
 resolution (or --image_size; digits default to their native 32 px). Runs
 data-parallel on every device of every host (--backend pmap or jit, the

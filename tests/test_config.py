@@ -168,6 +168,15 @@ def test_resolve_follows_the_variant_table(name):
         0.4, 1024, 0.001)
     assert r.optim.weight_decay == pytest.approx(5e-5 + 1e-5 * level)
     assert (r.data.mixup_alpha, r.data.cutmix) == (0.2, True)
+  elif spec.family == 'nfnet_l':  # timm's px; RandAugment/dropout/recipe: F's
+    px = {'eca_nfnet_l0': (224, 288), 'nfnet_l0': (224, 288),
+          'eca_nfnet_l1': (256, 320), 'eca_nfnet_l2': (320, 384)}[name]
+    like = {'eca_nfnet_l1': 'F1', 'eca_nfnet_l2': 'F2'}.get(name, 'F0')
+    assert got == px + PAPER_F[like][2:]
+    assert r.optim.use_agc and (r.optim.lr, r.train.batch_size) == (0.1, 4096)
+  elif spec.family == 'nf_resnet_timm':  # timm's 256/288 px, NF-ResNet recipe
+    assert got == (256, 288, '', 0.25)
+    assert (r.data.mixup_alpha, r.data.cutmix) == (0.0, False)
   else:
     assert got == (224, 224, '', 0.25)
     assert (r.data.mixup_alpha, r.data.cutmix) == (0.0, False)

@@ -70,6 +70,8 @@ def _tiny(name):
     return dict(width=0.125, depth=(1, 1, 1, 1), group_size=16)
   if spec.family == 'nf_resnet':
     return dict(width=0.125, depth=(1, 1, 1, 1))
+  if spec.family == 'nfnet_l':
+    return dict(width=0.0625, depth=(1, 1, 1, 1), group_size=8)
   return dict(width=0.5, depth=(1, 1, 1, 1))
 
 
@@ -278,7 +280,7 @@ def test_stochdepth_rate_outside_unit_interval_is_rejected(name, rate):
 
 @pytest.mark.parametrize('cls,bad,family', [
     (M.NFNet, 'nf_resnet50', 'NFNet'), (M.NFResNet, 'F0', 'NF-ResNet'),
-    (M.NFRegNet, 'nf_resnet50', 'NF-RegNet')])
+    (M.NFRegNet, 'nf_resnet50', 'NF-RegNet'), (M.NFNetL, 'F0', 'NFNet-L')])
 def test_family_rejects_other_families_variants(cls, bad, family):
   import haiku as hk
   with pytest.raises(ValueError, match=f'Unknown {family} variant.*valid: '):

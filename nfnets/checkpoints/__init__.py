@@ -1,7 +1,9 @@
 """Checkpoints: safe loading of DeepMind's released NFNet weights, our own
 run checkpoints (orbax; `RunCheckpointer`) and plain .npz files; validation
 against the model; merging for fine-tuning; export to PyTorch (timm
-dm_nfnet_*) layout; multi-host preemption (`PreemptionWatcher`).
+dm_nfnet_*) layout; timm / Hugging Face `model.safetensors` (`read_timm`,
+also through `load_pretrained`); multi-host preemption
+(`PreemptionWatcher`).
 
 >>> from nfnets import checkpoints
 >>> params = checkpoints.load_pretrained('F0_haiku.npz')        # doctest: +SKIP
@@ -31,6 +33,8 @@ from nfnets.checkpoints.release_files import (RELEASED_MD5, ReleaseCheck,
 from nfnets.checkpoints.safe_pickle import (RestrictedUnpickler,
                                             allowed_globals, safe_load,
                                             safe_loads)
+from nfnets.checkpoints.timm import (from_timm, is_safetensors,
+                                     read_timm)
 from nfnets.checkpoints.torch_layout import (from_torch_layout,
                                              load_torch_npz, save_torch_npz,
                                              save_torch_pt, to_torch_layout)

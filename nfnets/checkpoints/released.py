@@ -18,6 +18,8 @@ not the file name):
     StandardCheckpointer) + DIR/nfnets_checkpoint.json.
   * Our own training checkpoints (a workdir, its checkpoints/ dir or one step
     dir), via `nfnets.checkpoints.run.restore_params(path, which)`.
+  * timm's Hugging Face `model.safetensors` (dm_nfnet_f*, eca_nfnet_l*,
+    nfnet_l0, nf_resnet50), converted by `nfnets.checkpoints.timm` (variant inferred).
 
 Every loaded tree is checked against the model's parameter shapes
 (`nfnets.models.param_shapes`): module paths, names, shapes and dtypes, with
@@ -33,6 +35,7 @@ from typing import Any, Dict, Mapping, Optional, Pattern, Tuple, Union
 import numpy as np
 
 from nfnets.checkpoints import safe_pickle
+from nfnets.checkpoints import timm as timm_weights
 from nfnets.optim import masks
 from nfnets.checkpoints.errors import (CheckpointError, ParamMismatchError,
                                        TruncatedCheckpointError,
@@ -263,6 +266,8 @@ def read_params(path: str, which: str = 'ema') -> Params:
     return _to_numpy_tree(_unwrap(tree, which), path)
   if not os.path.exists(path):
     raise FileNotFoundError(f'No checkpoint at {path}.')
+  if timm_weights.is_safetensors(path):
+    return timm_weights.read_timm(path)[0]
   with open(path, 'rb') as f:
     head = f.read(4)
   if not head:
@@ -313,7 +318,7 @@ class TreeSummary:
     return ', '.join(parts)
 
 
-_BLOCK_RE = re.compile(r'^NFNet/~/nf_block(?:_(\d+))?$')
+_BLOCK_RE = re.compile(r'^(?:NFNet|NFNet_L)/~/nf_block(?:_(\d+))?/~/conv2$')
 
 
 def _shape(x) -> Tuple[int, ...]:
@@ -335,7 +340,7 @@ def summarize(params: Mapping[str, Mapping[str, Any]]) -> TreeSummary:
                   if m)
   depths, widths = [], []
   for i in blocks:
-    prefix = 'NFNet/~/nf_block' + (f'_{i}' if i else '')
+    prefix = f'{top}/~/nf_block' + (f'_{i}' if i else '')
     width = _shape(params.get(f'{prefix}/~/conv2', {}).get('w', ()))
     width = int(width[-1]) if width else 0
     if f'{prefix}/~/conv_shortcut' in params or not depths:
@@ -353,14 +358,22 @@ def infer_variant(params: Mapping[str, Mapping[str, Any]]) -> Optional[str]:
   """
   import nfnets.models as M  # pylint: disable=g-import-not-at-top
   summary = summarize(params)
-  if summary.top == 'NFNet':
+  if summary.top in ('NFNet', 'NFNet_L'):
+    family = 'nfnet' if summary.top == 'NFNet' else 'nfnet_l'
+    eca = any(m.endswith('/~/eca') for m in params)
+    final = _shape(params.get(f'{summary.top}/~/final_conv', {}).get('w', ()))
     for name in M.variants():
       spec = M.get_variant(name)
-      if (spec.family == 'nfnet' and tuple(spec.depth) == summary.depths
-          and tuple(spec.width) == summary.widths):
+      if (spec.family != family or tuple(spec.depth) != summary.depths
+          or tuple(spec.width) != summary.widths):
+        continue
+      if family == 'nfnet' or (
+          (spec.attention == 'eca') == eca and final
+          and int(spec.width[-1] * spec.final_conv_mult) == final[-1]):
         return name
     return None
-  family = {'NF_ResNet': 'nf_resnet', 'NF_RegNet': 'nf_regnet'}.get(summary.top)
+  family = {'NF_ResNet': 'nf_resnet', 'NF_RegNet': 'nf_regnet',
+            'NF_ResNet_T': 'nf_resnet_timm'}.get(summary.top)
   if family is None or summary.num_classes is None:
     return None
   for name in M.variants():
@@ -484,7 +497,8 @@ def load_pretrained(path: str, variant: Optional[str] = None,
   Args:
     path: DeepMind's released file (a dill pickle, e.g. F0_haiku.npz), a
       plain .npz written by `save_npz` / convert_checkpoint.py (flat or torch
-      layout), or an orbax checkpoint directory of ours.
+      layout), an orbax checkpoint directory of ours, or timm's
+      model.safetensors (dm_nfnet_f*, eca_nfnet_l*, nfnet_l0, nf_resnet50).
     variant: e.g. 'F0'. None -> inferred from the tree (blocks per stage and
       widths); an error if it matches no known variant.
     num_classes: classifier size to expect; None -> whatever the file has.
@@ -508,7 +522,11 @@ def load_pretrained(path: str, variant: Optional[str] = None,
   if check_release and os.path.isfile(path):
     from nfnets.checkpoints import release_files  # pylint: disable=g-import-not-at-top
     release_files.check_file(path)  # MD5 vs the release; warns on mismatch
-  params = read_params(path, which)
+  if timm_weights.is_safetensors(path):
+    params, detected = timm_weights.read_timm(path, variant)
+    variant = variant or detected
+  else:
+    params = read_params(path, which)
   if variant is None:
     variant = infer_variant(params)
     if variant is None:

@@ -146,6 +146,7 @@ class WSConv2D(hk.Module):
     padding: 'SAME' or 'VALID'.
     feature_group_count: number of groups (grouped convolution).
     eps: floor of var * fan_in (1e-4 in the release).
+    gain_init: initial value of the per-output 'gain' (1).
     conv_lowering: how the convolution is lowered, same function and
       parameters either way: 'xla' (one XLA convolution, grouped natively,
       jnp.mean / jnp.var standardisation), 'cpu' (nfnets.models.cpu_conv: one
@@ -162,8 +163,10 @@ class WSConv2D(hk.Module):
                feature_group_count: int = 1,
                eps: float = 1e-4,
                conv_lowering: Optional[str] = None,
-               name: Optional[str] = None):
+               name: Optional[str] = None,
+               gain_init: float = 1.0):
     super().__init__(name=name)
+    self.gain_init = gain_init
     self.output_channels = output_channels
     self.kernel_shape = _pair(kernel_shape)
     self.stride = _pair(stride)
@@ -188,8 +191,9 @@ class WSConv2D(hk.Module):
     w = hk.get_parameter(
         'w', shape, jnp.float32,
         init=hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal'))
-    gain = hk.get_parameter('gain', (self.output_channels,), jnp.float32,
-                            init=jnp.ones)
+    gain = hk.get_parameter(
+        'gain', (self.output_channels,), jnp.float32,
+        init=lambda shape, dtype: jnp.full(shape, self.gain_init, dtype))
     hook = _KERNEL_HOOK.get()
     if hook is None:
       return self.standardize(w, gain)
@@ -322,6 +326,34 @@ def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
   return hk.dropout(hk.next_rng_key(), rate, x)
 
 
+class FeatureInfo(NamedTuple):
+  """A feature map a model returns with return_features=True."""
+  channels: int  # last-axis size.
+  stride: int    # input px per feature px; the map is ceil(H / stride) high.
+
+
+def stage_strides(stem_stride: int, first_stage_stride: int) -> List[int]:
+  """Output strides of the four stages: the first stage strides by
+  `first_stage_stride`, the others by 2."""
+  strides, s = [], stem_stride
+  for stage_stride in (first_stage_stride, 2, 2, 2):
+    s *= stage_stride
+    strides.append(s)
+  return strides
+
+
+def make_feature_info(stem: Tuple[int, int], stage_channels: Sequence[int],
+                      strides: Sequence[int],
+                      final_channels: int) -> Dict[str, FeatureInfo]:
+  """{'stem', 'stage1'..'stage4', 'final'} -> FeatureInfo; 'final' is the
+  activated map that is globally pooled (stride of the last stage)."""
+  info = {'stem': FeatureInfo(*stem)}
+  for i, (ch, s) in enumerate(zip(stage_channels, strides)):
+    info[f'stage{i + 1}'] = FeatureInfo(ch, s)
+  info['final'] = FeatureInfo(final_channels, strides[-1])
+  return info
+
+
 class BlockSlot(NamedTuple):
   """Where a residual block sits and how its input is scaled."""
   index: int             # 0-based over the whole network.
@@ -360,11 +392,15 @@ def block_stats(x: jax.Array) -> Dict[str, jax.Array]:
 
 
 def run_blocks(blocks, x: jax.Array, is_training: bool, return_metrics: bool,
-               outputs: Dict[str, jax.Array], remat: bool = False) -> jax.Array:
+               outputs: Dict[str, jax.Array], remat: bool = False,
+               features: Optional[Dict[str, jax.Array]] = None,
+               block_stages: Sequence[int] = ()) -> jax.Array:
   """Applies residual blocks in order; with return_metrics, records each
   block's residual variance and output statistics into `outputs`. With
   remat, each block's activations are recomputed in the backward pass
-  (hk.remat) instead of being kept: less memory, ~1/3 more compute."""
+  (hk.remat) instead of being kept: less memory, ~1/3 more compute.
+  With a `features` dict, the output of each stage's last block (block i
+  belongs to stage block_stages[i]) is stored as features['stage{s+1}']."""
   for i, block in enumerate(blocks):
     if remat:
       x, res_avg_var = hk.remat(lambda x, b=block: b(x, is_training))(x)
@@ -374,6 +410,9 @@ def run_blocks(blocks, x: jax.Array, is_training: bool, return_metrics: bool,
       outputs[f'block_{i}/res_avg_var'] = res_avg_var
       for k, v in block_stats(x).items():
         outputs[f'block_{i}/{k}'] = v
+    if features is not None and (i + 1 == len(blocks)
+                                 or block_stages[i + 1] != block_stages[i]):
+      features[f'stage{block_stages[i] + 1}'] = x
   return x
 
 

@@ -126,7 +126,10 @@ class NFRegNet(hk.Module):
     self.initial_conv = layers.WSConv2D(ch, 3, 2, conv_lowering=conv_lowering,
                                         name='initial_conv')
     self.blocks = []
-    for b in layers.block_schedule(depth, alpha):
+    stem_ch = ch
+    schedule = layers.block_schedule(depth, alpha)
+    self.block_stages = [b.stage for b in schedule]
+    for b in schedule:
       self.blocks.append(NFRegNetBlock(
           ch, widths[b.stage], expansion=1.0 if b.index == 0 else expansion,
           se_ratio=se_ratio, group_size=group_size,
@@ -140,15 +143,33 @@ class NFRegNet(hk.Module):
     self.final_conv = layers.WSConv2D(max(1, 1280 * ch // 440), 1,
                                       conv_lowering=conv_lowering,
                                       name='final_conv')
+    self.feature_info = layers.make_feature_info(
+        (stem_ch, 2), widths, layers.stage_strides(2, 2),
+        self.final_conv.output_channels)
     # Zero-initialised, as the release's NF_RegNet (fc_init=jnp.zeros).
     self.fc = layers.Linear(num_classes, w_init=jnp.zeros, name='linear')
 
   def __call__(self, x: jax.Array, is_training: bool = True,
-               return_metrics: bool = False) -> Dict[str, jax.Array]:
-    outputs = {}
+               return_metrics: bool = False,
+               return_features: bool = False) -> Dict[str, jax.Array]:
+    """Returns {'logits', 'pool'} (+ per-block stats if asked).
+
+    With return_features, also 'features': {'stem' (the stride-2 initial
+    conv), 'stage1'..'stage4' (pre-activation residual stream, strides 4..32),
+    'final' (the activated head conv that is pooled)}; see `feature_info`.
+    All padding is 'SAME': a map of stride s is ceil(H / s) x ceil(W / s)
+    for any input size. Same parameters either way.
+    """
+    outputs, features = {}, ({} if return_features else None)
     out = self.initial_conv(x)
+    if features is not None:
+      features['stem'] = out
     out = layers.run_blocks(self.blocks, out, is_training, return_metrics,
-                            outputs, remat=self.remat)
+                            outputs, remat=self.remat, features=features,
+                            block_stages=self.block_stages)
     out = self.activation(self.final_conv(out))
+    if features is not None:
+      features['final'] = out
+      outputs['features'] = features
     return layers.pool_and_classify(out, self.fc, self.drop_rate, is_training,
                                     outputs)

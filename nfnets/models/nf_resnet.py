@@ -112,7 +112,10 @@ class NFResNet(hk.Module):
     self.initial_conv = layers.WSConv2D(ch, 7, 2, conv_lowering=conv_lowering,
                                         name='initial_conv')
     self.blocks = []
-    for b in layers.block_schedule(depth, alpha):
+    stem_ch = ch
+    schedule = layers.block_schedule(depth, alpha)
+    self.block_stages = [b.stage for b in schedule]
+    for b in schedule:
       self.blocks.append(NFResBlock(
           ch, widths[b.stage],
           stride=(1, 2, 2, 2)[b.stage] if b.first_in_stage else 1,
@@ -120,17 +123,35 @@ class NFResNet(hk.Module):
           stochdepth_rate=stochdepth_rate * b.depth_fraction,
           use_se=spec.use_se, se_ratio=se_ratio, conv_lowering=conv_lowering))
       ch = widths[b.stage]
+    self.feature_info = layers.make_feature_info(
+        (stem_ch, 4), widths, layers.stage_strides(4, 1), widths[-1])
     # N(0, 0.01) as the release's NF_ResNet (fc_init=None).
     self.fc = layers.Linear(num_classes,
                             w_init=hk.initializers.RandomNormal(0.01, 0.0),
                             name='linear')
 
   def __call__(self, x: jax.Array, is_training: bool = True,
-               return_metrics: bool = False) -> Dict[str, jax.Array]:
-    outputs = {}
+               return_metrics: bool = False,
+               return_features: bool = False) -> Dict[str, jax.Array]:
+    """Returns {'logits', 'pool'} (+ per-block stats if asked).
+
+    With return_features, also 'features': {'stem' (after the max-pool),
+    'stage1'..'stage4' (pre-activation residual stream), 'final' (the
+    activated map that is pooled)}; see `feature_info`. All padding is
+    'SAME': a map of stride s is ceil(H / s) x ceil(W / s) for any input
+    size. Same parameters either way.
+    """
+    outputs, features = {}, ({} if return_features else None)
     out = self.initial_conv(x)
     out = hk.max_pool(out, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
+    if features is not None:
+      features['stem'] = out
     out = layers.run_blocks(self.blocks, out, is_training, return_metrics,
-                            outputs, remat=self.remat)
-    return layers.pool_and_classify(self.activation(out), self.fc,
-                                    self.drop_rate, is_training, outputs)
+                            outputs, remat=self.remat, features=features,
+                            block_stages=self.block_stages)
+    out = self.activation(out)
+    if features is not None:
+      features['final'] = out
+      outputs['features'] = features
+    return layers.pool_and_classify(out, self.fc, self.drop_rate, is_training,
+                                    outputs)

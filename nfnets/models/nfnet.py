@@ -153,7 +153,9 @@ class NFNet(hk.Module):
                  conv(64, 1, 'stem_conv2'), conv(stem_ch, 2, 'stem_conv3')]
     self.blocks = []
     ch = stem_ch
-    for b in layers.block_schedule(depth, alpha):
+    schedule = layers.block_schedule(depth, alpha)
+    self.block_stages = [b.stage for b in schedule]
+    for b in schedule:
       stage_width = widths[b.stage]
       self.blocks.append(NFBlock(
           ch, stage_width, expansion=0.5, se_ratio=se_ratio,
@@ -166,21 +168,40 @@ class NFNet(hk.Module):
     self.final_conv = layers.WSConv2D(int(final_conv_mult * ch), 1,
                                       conv_lowering=conv_lowering,
                                       name='final_conv')
+    self.feature_info = layers.make_feature_info(
+        (stem_ch, 4), widths, layers.stage_strides(4, 1),
+        self.final_conv.output_channels)
     self.fc = layers.Linear(num_classes,
                             w_init=hk.initializers.RandomNormal(0.01, 0.0),
                             name='linear')
 
   def __call__(self, x: jax.Array, is_training: bool = True,
-               return_metrics: bool = False) -> Dict[str, jax.Array]:
-    """Returns {'logits' (float32), 'pool'} (+ per-block stats if asked)."""
-    outputs = {}
+               return_metrics: bool = False,
+               return_features: bool = False) -> Dict[str, jax.Array]:
+    """Returns {'logits' (float32), 'pool'} (+ per-block stats if asked).
+
+    With return_features, also 'features': {'stem', 'stage1'..'stage4',
+    'final'} (see `feature_info`): the stem and stage outputs are the
+    (pre-activation) residual stream, 'final' is the activated map that is
+    pooled. Every stride-2 op pads 'SAME', so any input size works: a map
+    of stride s is ceil(H / s) x ceil(W / s) (inputs not a multiple of 32
+    get partial windows at the bottom/right edge). Same parameters either
+    way.
+    """
+    outputs, features = {}, ({} if return_features else None)
     out = x
     for i, conv in enumerate(self.stem):
       out = conv(out)
       if i < len(self.stem) - 1:
         out = self.activation(out)
+    if features is not None:
+      features['stem'] = out
     out = layers.run_blocks(self.blocks, out, is_training, return_metrics,
-                            outputs, remat=self.remat)
+                            outputs, remat=self.remat, features=features,
+                            block_stages=self.block_stages)
     out = self.activation(self.final_conv(out))
+    if features is not None:
+      features['final'] = out
+      outputs['features'] = features
     return layers.pool_and_classify(out, self.fc, self.drop_rate, is_training,
                                     outputs)

@@ -7,12 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfnets.models.layers import FeatureInfo
 from nfnets.models.nf_regnet import NFRegNet
 from nfnets.models.nf_resnet import NFResNet
+from nfnets.models.nf_resnet_timm import TimmNFResNet
 from nfnets.models.nfnet import NFNet
+from nfnets.models.nfnet_l import NFNetL
 from nfnets.models.variants import VARIANTS, VariantSpec
 
-_FAMILIES = {'nfnet': NFNet, 'nf_resnet': NFResNet, 'nf_regnet': NFRegNet}
+_FAMILIES = {'nfnet': NFNet, 'nf_resnet': NFResNet, 'nf_regnet': NFRegNet,
+             'nfnet_l': NFNetL, 'nf_resnet_timm': TimmNFResNet}
 
 
 def variants() -> List[str]:
@@ -70,10 +74,26 @@ def build(name: str, num_classes: int = 1000, **overrides) -> hk.Module:
 def forward_fn(name: str, num_classes: int = 1000,
                **overrides) -> hk.Transformed:
   """hk.transform of `build(...)(images, is_training)`."""
-  def fwd(images, is_training=True, return_metrics=False):
-    return build(name, num_classes, **overrides)(images, is_training,
-                                                 return_metrics)
+  def fwd(images, is_training=True, return_metrics=False,
+          return_features=False):
+    return build(name, num_classes, **overrides)(
+        images, is_training, return_metrics, return_features=return_features)
   return hk.transform(fwd)
+
+
+def feature_info(name: str, **overrides) -> Dict[str, FeatureInfo]:
+  """Channels and stride of each map `model(x, ..., return_features=True)`
+  returns under 'features': {'stem', 'stage1'..'stage4', 'final'}.
+
+  A map of stride s is ceil(H / s) x ceil(W / s) for an H x W input (any
+  size; see the family's __call__). Builds no weights.
+
+  Args:
+    name: a variant name (see `variants()`).
+    **overrides: the same constructor overrides as `build` (width, depth...).
+  """
+  return hk.transform(lambda: build(name, 1, **overrides).feature_info).apply(
+      {}, None)
 
 
 def param_shapes(name: str, num_classes: int = 1000, image_size: int = 32,

@@ -14,7 +14,7 @@ class VariantSpec:
 
   Attributes:
     name: canonical name accepted by `nfnets.models.build`.
-    family: 'nfnet', 'nf_resnet' or 'nf_regnet'.
+    family: 'nfnet', 'nf_resnet', 'nf_regnet' or 'nfnet_l'.
     width: output channels of each of the four stages.
     depth: number of blocks of each stage.
     train_size: training image size (px).
@@ -22,6 +22,10 @@ class VariantSpec:
     randaug: RandAugment level ('405' = 4 layers, magnitude 5), or None.
     dropout: dropout rate before the classifier.
     use_se: squeeze-excite in every block (NF-ResNets: the -SE variants).
+    attention: 'nfnet_l' rows: 'eca' or 'se' after each block's last conv.
+    final_conv_mult: 'nfnet_l' rows: head conv width / last stage width.
+    timm_name: timm's model name whose pretrained state dict loads into this
+      variant (nfnets.checkpoints.timm), or None.
   """
   name: str
   family: str
@@ -32,6 +36,9 @@ class VariantSpec:
   randaug: Optional[str]
   dropout: float
   use_se: bool = True
+  attention: Optional[str] = None
+  final_conv_mult: Optional[float] = None
+  timm_name: Optional[str] = None
 
 
 _F_WIDTH = (256, 512, 1536, 1536)
@@ -47,6 +54,18 @@ _NFNET_ROWS = {
     'F5': ((6, 12, 36, 18), 416, 544, '415', 0.5),
     'F6': ((7, 14, 42, 21), 448, 576, '415', 0.5),
     'F7': ((8, 16, 48, 24), 480, 608, '415', 0.5),
+}
+
+# timm's own 'light' NFNets (timm/models/nfnet.py; not in the papers): widths
+# _F_WIDTH, SiLU, group size 64, bottleneck 0.25, timm's weight-standardised
+# convs. name: (depth, head conv mult, attention, train px, test px); the
+# RandAugment level and dropout are taken from the F-row of the same depths
+# (timm trained them with its own ra2/ra3 recipes).
+_NFNET_L_ROWS = {
+    'eca_nfnet_l0': ((1, 2, 6, 3), 1.5, 'eca', 224, 288, 'F0'),
+    'eca_nfnet_l1': ((2, 4, 12, 6), 2.0, 'eca', 256, 320, 'F1'),
+    'eca_nfnet_l2': ((3, 6, 18, 9), 2.0, 'eca', 320, 384, 'F2'),
+    'nfnet_l0': ((1, 2, 6, 3), 1.5, 'se', 224, 288, 'F0'),
 }
 
 # NF-RegNet (arXiv 2101.08692 appendix): widths, depths, train/test px, dropout.
@@ -76,10 +95,22 @@ _NF_RESNET_DEPTHS = {
 def _make_table():
   table = {}
   for name, (depth, train, test, ra, drop) in _NFNET_ROWS.items():
+    timm_name = f'dm_nfnet_{name.lower()}' if name != 'F7' else None
     table[name] = VariantSpec(name, 'nfnet', _F_WIDTH, depth, train, test, ra,
-                              drop)
+                              drop, timm_name=timm_name)
     table[name + '+'] = VariantSpec(name + '+', 'nfnet', _F_PLUS_WIDTH, depth,
                                     train, test, ra, drop)
+  for name, (depth, mult, attn, train, test, like) in _NFNET_L_ROWS.items():
+    ra, drop = _NFNET_ROWS[like][3:]
+    table[name] = VariantSpec(name, 'nfnet_l', _F_WIDTH, depth, train, test,
+                              ra, drop, use_se=attn == 'se', attention=attn,
+                              final_conv_mult=mult, timm_name=name)
+  # timm's own NF-ResNet-50 (nf_resnet_timm.py): its pretrained weights
+  # were trained at 256 px and are evaluated at 288 (timm's config).
+  table['timm_nf_resnet50'] = VariantSpec(
+      'timm_nf_resnet50', 'nf_resnet_timm', (256, 512, 1024, 2048),
+      _NF_RESNET_DEPTHS['50'], 256, 288, None, 0.25, use_se=False,
+      timm_name='nf_resnet50')
   for depth_name, depth in _NF_RESNET_DEPTHS.items():
     for se in (False, True):
       name = f'nf_{"se" if se else ""}resnet{depth_name}'
@@ -95,7 +126,8 @@ def _make_table():
 VARIANTS = _make_table()
 
 _FAMILY_NAMES = {'nfnet': 'NFNet', 'nf_resnet': 'NF-ResNet',
-                 'nf_regnet': 'NF-RegNet'}
+                 'nf_regnet': 'NF-RegNet', 'nfnet_l': 'NFNet-L',
+                 'nf_resnet_timm': 'NF-ResNet (timm)'}
 
 
 def family_variant(variant: str, family: str) -> VariantSpec:
