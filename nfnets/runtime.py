@@ -110,3 +110,15 @@ def configure_cpu_runtime() -> Dict[str, str]:
             'dispatch': _sync_dispatch()}
   logging.getLogger(__name__).debug('nfnets CPU runtime: %s', result)
   return result
+
+
+def keep_tensorflow_off_accelerators() -> None:
+  """Hides GPUs from TensorFlow, which only feeds the input pipeline on the
+  host (a GPU build of TF would otherwise reserve GPU memory that JAX needs).
+  Process-wide: entry points call it (`python -m nfnets.train`,
+  scripts/eval.py), before the input pipeline starts."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except (RuntimeError, ValueError):  # Already initialised / no such device.
+    pass

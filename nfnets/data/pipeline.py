@@ -85,13 +85,6 @@ AUTOTUNE = tf.data.AUTOTUNE
 _BIG = 2 ** 62
 _no_autograph = sources_lib.no_autograph
 
-# The input pipeline runs on the host; keep TensorFlow off any accelerator
-# (a GPU build of TF would otherwise reserve GPU memory that JAX needs).
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except (RuntimeError, ValueError):  # Already initialised / no such device type.
-  pass
-
 
 # ---------------------------------------------------------------------------
 # Layout and checks.
@@ -191,7 +184,7 @@ def _build_train(data_config, *, global_batch_size, seed, start_step, process_in
   source = source or get_source(data_config)
   n_classes = _check_classes(source, data_config)
   image_size = _image_size(data_config, 'image_size')
-  split = data_config.train_split
+  split = data_config.train_split or sources_lib.default_splits(source)[0]
   pieces = resolve_split(source.split_infos, split, where=source.name)
   total = pieces_len(pieces)
   h_start, h_stop = train_host_range(total, layout.process_index, layout.process_count)
@@ -450,7 +443,7 @@ def create_eval_iterator(data_config, *, global_batch_size: int,
   source = source or get_source(data_config)
   _check_classes(source, data_config)
   image_size = _image_size(data_config, 'eval_image_size')
-  split = split or data_config.eval_split
+  split = split or data_config.eval_split or sources_lib.default_splits(source)[1]
   pieces = resolve_split(source.split_infos, split, where=source.name)
   total = pieces_len(pieces)
   h_start, h_stop = eval_host_range(total, layout.process_index, layout.process_count)
