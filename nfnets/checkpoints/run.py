@@ -155,12 +155,15 @@ def silence_restore_leftovers() -> None:
 
 
 class _OrbaxTaskFilter(logging.Filter):
-  """Drops asyncio's 'never retrieved' reports of orbax / tensorstore reads."""
+  """Drops asyncio's reports of orbax / tensorstore reads ('never retrieved',
+  'unhandled exception during asyncio.run() shutdown')."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     msg = record.getMessage()
-    if 'never retrieved' in msg and (f'{os.sep}orbax{os.sep}' in msg or
-                                     'OCDBT' in msg or 'TensorStore' in msg):
+    reported = ('never retrieved' in msg or
+                'unhandled exception during asyncio.run() shutdown' in msg)
+    if reported and (f'{os.sep}orbax{os.sep}' in msg or 'OCDBT' in msg or
+                     'TensorStore' in msg):
       log.debug('Ignored after a failed restore: %s', msg.splitlines()[0])
       return False
     return True

@@ -58,6 +58,7 @@ from ml_collections import config_dict
 import optax
 
 from nfnets import recipes
+from nfnets.errors import ConfigError
 from nfnets.optim.agc import adaptive_grad_clip
 from nfnets.optim.masks import (CLASSIFIER_REGEX, agc_mask, is_classifier,
                                 tree_paths, weight_decay_mask)
@@ -184,7 +185,7 @@ def training_steps(num_examples: int, batch_size: int, num_epochs: float,
                      f'{num_epochs}.')
   total = int(math.floor(num_examples * num_epochs / batch_size))
   if total < 1:
-    raise ValueError(
+    raise ConfigError(
         f'{num_epochs} epochs of {num_examples} examples at batch {batch_size} '
         'is less than one step; train longer or use a smaller batch.')
   return TrainingSteps(total, steps_per_epoch)
@@ -259,8 +260,8 @@ def _freeze_all_but_classifier(tx: optax.GradientTransformation,
   """Only the classifier (``regex``) is trained: the body gets zero updates
   and keeps no optimizer state."""
   if regex is None:
-    raise ValueError('freeze_body=True needs config.optim.classifier_regex '
-                     '(the classifier to train); it is None.')
+    raise ConfigError('freeze_body=True needs config.optim.classifier_regex '
+                      '(the classifier to train); it is None.')
 
   def labels(params):
     paths = tree_paths(params)
@@ -317,7 +318,7 @@ def make_optimizer(cfg: Optional[ml_collections.ConfigDict] = None,
   peak_lr = peak_learning_rate(cfg, batch_size)
   warmup_steps = float(cfg.warmup_epochs) * float(steps_per_epoch)
   if warmup_steps >= total_steps:
-    raise ValueError(
+    raise ConfigError(
         f'warmup ({warmup_steps:g} steps = optim.warmup_epochs '
         f'{cfg.warmup_epochs} x {steps_per_epoch:g} steps/epoch) must be '
         f'shorter than training ({total_steps} steps); lower '

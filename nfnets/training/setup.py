@@ -90,9 +90,9 @@ def prepare(config, source: Any = None) -> Data:
   """
   from nfnets import data  # pylint: disable=g-import-not-at-top
   source = source or data.get_source(config.data)
-  splits = (config.data.train_split, config.data.eval_split)
-  if None in splits:
-    splits = data.default_splits(source)
+  splits = (config.data.train_split or 'train', config.data.eval_split)
+  if splits[1] is None:
+    splits = (splits[0], data.default_splits(source)[1])
   resolved = config_lib.resolve(
       config, data.num_classes(config.data, source=source), splits)
   n_train = data.check_split(source, resolved.data.train_split, 'train_split')
