@@ -39,8 +39,7 @@ import tensorflow_datasets as tfds
 from nfnets.data import digits as digits_lib
 from nfnets.data import preprocess
 from nfnets.data import splits as splits_lib
-from nfnets.data.base import (AUTOTUNE, Source, concat, decode_and_crop,  # pylint: disable=unused-import
-                              decode_any, inception_crop, no_autograph, to_rgb)
+from nfnets.data.base import AUTOTUNE, Source, concat, no_autograph
 from nfnets.data.folder import FolderSource
 from nfnets.errors import DataError
 _BIG = 2 ** 62

@@ -20,9 +20,7 @@ from nfnets import data
 from nfnets.training import hardware
 from nfnets.training import parallel
 from nfnets.training.logger import MetricWriter, format_duration
-# build/Setup are part of this module's interface (loop.build(config)).
-from nfnets.training.setup import (Setup, add_trees, build, due, evaluate,  # pylint: disable=unused-import
-                                   prepare, resolve_compute_dtype)
+from nfnets.training.setup import add_trees, build, due, evaluate, prepare
 
 
 class NonFiniteError(RuntimeError):
