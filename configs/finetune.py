@@ -36,14 +36,7 @@ on your own images"); the classifier is sized from the dataset's classes
 with fine-tuning settings: 10x lower learning rate than the demo, short
 warm-up, no MixUp/CutMix/RandAugment, a few epochs.
 """
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
-from nfnets import config as config_lib  # noqa: E402
+from nfnets import config as config_lib
 
 
 def get_config(arg: str = 'demo'):

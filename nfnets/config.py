@@ -17,15 +17,16 @@ DeepMind's release (`nfnets/experiment_nfnets.py`).
 import copy
 import inspect
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import ml_collections
 from ml_collections import config_dict
 
 from nfnets import models
 from nfnets import recipes
+from nfnets.errors import ConfigError
 from nfnets.optim import BY_BATCH, LR_SCALINGS, default_optim_config
-from nfnets.optim import recipe as optim_recipe
+from nfnets.optim import optimizer as optim_lib
 
 # Model constructor overrides (nfnets.models.build(**kwargs)); None = the
 # variant's / family's default. Not every family takes every one (e.g.
@@ -50,7 +51,7 @@ MODEL_KWARGS = {
 }
 CONV_LOWERINGS = ('xla', 'cpu')
 COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
-LOG_LEVELS = ('debug', 'info', 'warning', 'error', 'fatal')
+LOG_LEVELS = ('debug', 'info', 'warning', 'error')
 BACKENDS = ('pmap', 'jit')
 
 
@@ -88,8 +89,12 @@ def base_config(variant: str = 'F0') -> ml_collections.ConfigDict:
   c.data.data_dir = ph(str)  # None: TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.image_key = ph(str)  # feature holding the image; None: auto
   c.data.label_key = ph(str)  # feature holding the label; None: auto
-  c.data.train_split = 'train'  # 'train[10000:]' for the held-out protocol
-  c.data.eval_split = 'validation'  # 'train[:10000]' for held-out validation
+  # Splits in tfds slicing syntax; None: the dataset's (tfds: 'train' and
+  # 'validation', else 'test'; folder: 'train' and 'val'). A dataset with
+  # only a train split needs both set, e.g. 'train[:90%]' / 'train[90%:]'.
+  # ImageNet's held-out protocol: 'train[10000:]' / 'train[:10000]'.
+  c.data.train_split = ph(str)
+  c.data.eval_split = ph(str)
   c.data.image_size = ph(int)  # training px; None: the variant's
   c.data.eval_image_size = ph(int)  # evaluation px; None: the variant's
   # RandAugment level, '405' = 4 layers, magnitude 5; '' = off; None = the
@@ -189,11 +194,10 @@ def use_digits(config: ml_collections.ConfigDict) -> None:
   """The embedded digits dataset (10 classes, 32 px, no download), without
   RandAugment / MixUp / CutMix (the pipeline's random crop only), at batch
   64 with weight decay 5e-5 and the AGC threshold for that batch (0.08).
-  model.num_classes stays unset: it follows the dataset (10 here), so
-  --config.data.name=... points the same config at other data."""
+  model.num_classes and the splits stay unset: they follow the dataset (10
+  classes, 'train' / 'test' here), so --config.data.name=... points the same
+  config at other data."""
   config.data.name = 'digits'
-  config.data.train_split = 'train'
-  config.data.eval_split = 'test'
   config.data.image_size = 32
   config.data.eval_image_size = 32
   config.data.randaug = ''
@@ -229,7 +233,15 @@ def _set_path(config: ml_collections.ConfigDict, path: str, value: Any
   node[leaf] = value
 
 
-def resolve(config: ml_collections.ConfigDict, data_num_classes: int
+def _variant(name: str) -> models.VariantSpec:
+  try:
+    return models.get_variant(name)
+  except ValueError as e:
+    raise ConfigError(f'config.model.name: {e}') from None
+
+
+def resolve(config: ml_collections.ConfigDict, data_num_classes: int,
+            splits: Sequence[str] = ('train', 'validation')
             ) -> ml_collections.ConfigDict:
   """A copy of `config` with every placeholder filled, then validated.
 
@@ -237,30 +249,36 @@ def resolve(config: ml_collections.ConfigDict, data_num_classes: int
   and dropout (`model.kwargs.drop_rate`); the family recipe's batch size,
   epochs, lr and its scaling, weight decay, AGC on/off, cosine end value,
   MixUp and CutMix (`nfnets.recipes`); `model.num_classes` (and with it
-  `data.num_classes`) from the dataset. Values already set are kept.
+  `data.num_classes`) and the train / eval splits from the dataset. Values
+  already set are kept.
 
   Args:
     config: an experiment config (e.g. configs/f0.py's).
     data_num_classes: the training dataset's class count.
+    splits: the dataset's (train, eval) splits
+      (`nfnets.data.default_splits(source)`).
 
   Returns:
     The resolved copy (locked if `config` was); `config` is not modified.
 
   Raises:
-    ValueError: an explicit `model.num_classes` that differs from the
+    ConfigError: an explicit `model.num_classes` that differs from the
       dataset's, or any check of `validate`.
   """
   out = copy.deepcopy(config)
-  spec = models.get_variant(out.model.name)
+  spec = _variant(out.model.name)
   out.model.name = spec.name
   for path, value in recipes.defaults_for(spec).items():
     if _get_path(out, path) is None:
       _set_path(out, path, value)
+  for field, split in zip(('train_split', 'eval_split'), splits):
+    if out.data[field] is None:
+      out.data[field] = split
   data_num_classes = int(data_num_classes)
   if out.model.num_classes is None:
     out.model.num_classes = data_num_classes
   elif out.model.num_classes != data_num_classes:
-    raise ValueError(
+    raise ConfigError(
         f'config.model.num_classes is {out.model.num_classes} but the dataset '
         f'{out.data.name!r} has {data_num_classes} classes; leave '
         'model.num_classes unset (None) to use the dataset\'s, or use a '
@@ -274,11 +292,11 @@ def describe(resolved: ml_collections.ConfigDict) -> str:
   c = resolved
   spec = models.get_variant(c.model.name)
   batch = c.train.batch_size
-  peak = optim_recipe.peak_learning_rate(c.optim, batch)
+  peak = optim_lib.peak_learning_rate(c.optim, batch)
   lr = (f'lr {peak:g} ({c.optim.lr:g} x {batch}/256)'
         if c.optim.lr_scaling == 'linear' else f'lr {peak:g}')
   if c.optim.use_agc:
-    lam = optim_recipe.agc_clipping_value(c.optim.agc_clipping, batch)
+    lam = optim_lib.agc_clipping_value(c.optim.agc_clipping, batch)
     agc = f'AGC \u03bb {lam:g}' + (
         f' ({BY_BATCH})' if c.optim.agc_clipping == BY_BATCH else '')
   else:
@@ -307,11 +325,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   is set is checked.
   """
   def fail(field, msg):
-    raise ValueError(f'config.{field}: {msg}')
-  try:
-    spec = models.get_variant(config.model.name)
-  except ValueError as e:
-    fail('model.name', str(e))
+    raise ConfigError(f'config.{field}: {msg}')
+  spec = _variant(config.model.name)
   accepted = inspect.signature(_FAMILY_CLASSES[spec.family]).parameters
   for name, value in model_kwargs(config).items():
     if name not in accepted:
@@ -383,7 +398,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   if optim.lr is not None and not optim.lr > 0:
     fail('optim.lr', f'must be positive, got {optim.lr}')
   try:
-    optim_recipe.agc_clipping_value(optim.agc_clipping,
+    optim_lib.agc_clipping_value(optim.agc_clipping,
                                     config.train.batch_size or 1)
   except ValueError as e:
     fail('optim.agc_clipping', str(e))

@@ -1,10 +1,9 @@
 """Host settings that make XLA:CPU training fast; applied before JAX starts.
 
-Every XLA:CPU execution allocates its temporaries (1.4 GB for an F0 training
-step at batch 8, 192 px) with one ``posix_memalign``. Left alone, glibc
-serves a request that large by ``mmap`` and gives it back with ``munmap``,
-so every step faults in ~350k fresh zeroed pages (~0.5 s of kernel time per
-step on 2 cores) and every first write to a temporary runs at page-fault
+Every XLA:CPU execution allocates its temporaries (gigabytes for a training
+step) with one ``posix_memalign``. Left alone, glibc serves a request that
+large by ``mmap`` and gives it back with ``munmap``, so every step faults in
+fresh zeroed pages and every first write to a temporary runs at page-fault
 speed. Two settings fix it:
 
 * ``mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)``: glibc never maps or trims,
@@ -110,3 +109,15 @@ def configure_cpu_runtime() -> Dict[str, str]:
             'dispatch': _sync_dispatch()}
   logging.getLogger(__name__).debug('nfnets CPU runtime: %s', result)
   return result
+
+
+def keep_tensorflow_off_accelerators() -> None:
+  """Hides GPUs from TensorFlow, which only feeds the input pipeline on the
+  host (a GPU build of TF would otherwise reserve GPU memory that JAX needs).
+  Process-wide: entry points call it (`python -m nfnets.train`,
+  scripts/eval.py), before the input pipeline starts."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except (RuntimeError, ValueError):  # Already initialised / no such device.
+    pass

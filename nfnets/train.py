@@ -2,7 +2,12 @@
 
 Any config field can be overridden, e.g. --config.train.batch_size=256
 --config.model.name=F1. Rerunning the same command resumes from the latest
-checkpoint in --workdir.
+checkpoint in --workdir. --dry_run prints the resolved config and the
+model's size instead of training.
+
+A mistake a user can fix (config, dataset, split, image folder, checkpoint,
+class count: `nfnets.errors.UserError`) is one line on stderr, `error: ...`,
+and exit status 2, found before anything is compiled.
 
 The console shows this package's progress lines and library warnings and
 errors; --config.train.log_level=info brings back the libraries' INFO lines
@@ -15,17 +20,25 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from nfnets import errors
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Directory for checkpoints, logs and metrics.')
-flags.mark_flags_as_required(['config', 'workdir'])
+    'workdir', None, 'Directory for checkpoints, logs and metrics (required '
+    'unless --dry_run).')
+_DRY_RUN = flags.DEFINE_bool(
+    'dry_run', False, 'Print the resolved config (sizes, RandAugment, recipe, '
+    'classes, splits) and the model\'s params and FLOPs, then exit: no '
+    'training, no accelerator.')
+flags.mark_flag_as_required('config')
 
 LEVELS = {'debug': py_logging.DEBUG, 'info': py_logging.INFO,
           'warning': py_logging.WARNING, 'error': py_logging.ERROR}
@@ -58,8 +71,8 @@ def configure_console(log_level: str) -> None:
   wins).
   """
   if log_level not in LEVELS:
-    raise app.UsageError(f'config.train.log_level must be one of '
-                         f'{sorted(LEVELS)}, got {log_level!r}.')
+    raise errors.ConfigError(f'config.train.log_level must be one of '
+                             f'{sorted(LEVELS)}, got {log_level!r}.')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', _TF_CPP[log_level])
   logging.set_verbosity(logging.DEBUG if log_level == 'debug'
                         else logging.INFO)
@@ -110,34 +123,106 @@ def native_info_hidden(log_level: str):
         sys.stderr.flush()
 
 
+def report(error: BaseException, debug: bool) -> None:
+  """Prints a user's mistake as one line, `error: ...` (after the traceback
+  when `debug`), and exits with status 2."""
+  if debug:
+    traceback.print_exception(error)
+  sys.stdout.flush()
+  sys.stderr.write(f'error: {errors.one_line(error)}\n')
+  sys.stderr.flush()
+  sys.exit(2)
+
+
+def _flag_error_message(error: Exception, argv) -> str:
+  """What went wrong while parsing the flags, without absl's wrapping."""
+  chain = [error]
+  while chain[-1].__context__ is not None:
+    chain.append(chain[-1].__context__)  # e.g. the config file's ValueError
+  inner = next((e for e in chain if isinstance(e, (AttributeError, KeyError))),
+               chain[-1])
+  if isinstance(inner, (AttributeError, KeyError)):  # a misspelt field
+    text = str(inner)
+    key = re.search(r"'([^'\\]+)\\?'", text)
+    key = key.group(1) if key else text
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    hint = f' Did you mean {hint.group(1)!r}?' if hint else ''
+    flag = next((a.split('=')[0] for a in argv
+                 if a.split('=')[0].endswith(f'.{key}')), key)
+    return (f'{flag}: no such config field.{hint} Every field is declared, '
+            'with a comment, in nfnets/config.py.')
+  if inner is not error:
+    flag = str(error).split(': ')[0]
+    return f'{flag}: {type(inner).__name__}: {errors.one_line(inner)}'
+  text = str(error).strip().splitlines()
+  return text[0] if text else type(error).__name__
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a mistake in a flag or in the config (file,
+  misspelt field, bad value) reported as one line (see `report`)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    debug = '--config.train.log_level=debug' in argv
+    if debug:
+      traceback.print_exception(e)
+    sys.stderr.write(f'error: {_flag_error_message(e, argv)}\n')
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  configure_console(config.train.log_level)
+  debug = config.train.log_level == 'debug'
+  try:
+    from nfnets import config as config_lib  # pylint: disable=g-import-not-at-top
+    config_lib.validate(config)  # the fields that are set; cheap: no data yet
+    configure_console(config.train.log_level)
+    if _DRY_RUN.value:
+      _dry_run(config)
+      return
+    if not _WORKDIR.value:
+      raise errors.UserError('--workdir=DIR is required (checkpoints, logs '
+                             'and metrics go there), unless --dry_run.')
+    _train(config, _WORKDIR.value)
+  except errors.UserError as e:
+    report(e, debug)
+
+
+def _dry_run(config) -> None:
+  """Prints what `config` would run; JAX only traces, on the CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_platforms', 'cpu')  # no accelerator is touched
+  with native_info_hidden(config.train.log_level):
+    import tensorflow  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
+  from nfnets.training import dry_run  # pylint: disable=g-import-not-at-top
+  print(dry_run.summary(config))
+
+
+def _train(config, workdir: str) -> None:
+  """The process-wide settings of a training run, then the run."""
   # Before JAX starts its backend: glibc reuses XLA:CPU's temporaries
   # instead of page-faulting them in every step, synchronous CPU dispatch
   # (nfnets/runtime.py).
-  from nfnets import runtime
+  from nfnets import runtime  # pylint: disable=g-import-not-at-top
   cpu_runtime = runtime.configure_cpu_runtime()
-  # TensorFlow only feeds the input pipeline (nfnets.data keeps it off any
-  # accelerator); imported here so that its start-up notices are filtered.
+  # TensorFlow only feeds the input pipeline (kept off any accelerator);
+  # imported here so that its start-up notices are filtered.
   with native_info_hidden(config.train.log_level):
-    import tensorflow  # noqa: F401  pylint: disable=unused-import
-    import tensorflow_datasets as tfds
+    import tensorflow  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  runtime.keep_tensorflow_off_accelerators()
   if LEVELS[config.train.log_level] > py_logging.INFO:
     tfds.disable_progress_bar()
-  from nfnets.checkpoints import CheckpointError
-  from nfnets.training.loop import train_and_evaluate
-  logging.info('CPU runtime tuning: %s', cpu_runtime)
-  try:
-    train_and_evaluate(config, _WORKDIR.value)
-  except CheckpointError as e:
-    # One clear message (what, which checkpoint, what to do) instead of a
-    # traceback through orbax's threads; the message says how to see more.
-    logging.error('%s', e)
-    sys.exit(1)
+  # A failed restore's orbax leftovers are logged at DEBUG, not printed.
+  from nfnets.checkpoints import run as run_checkpoints  # pylint: disable=g-import-not-at-top
+  run_checkpoints.silence_restore_leftovers()
+  from nfnets.training.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  logging.debug('CPU runtime tuning: %s', cpu_runtime)
+  train_and_evaluate(config, workdir)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

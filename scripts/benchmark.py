@@ -50,9 +50,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, 'scripts'))
+sys.path.insert(0, os.path.join(REPO, 'scripts'))  # its sibling timing.py
 from timing import timed_windows  # noqa: E402
 
 def parse_args(argv=None):

@@ -22,9 +22,6 @@ import json
 import os
 import sys
 
-if __package__ in (None, ''):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import nfnets.checkpoints as C  # noqa: E402
 
 

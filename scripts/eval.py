@@ -24,13 +24,9 @@ accuracy is exact for any batch size.
 import argparse
 import itertools
 import json
-import os
 import sys
 import time
 from typing import Any, Dict, Mapping, Optional
-
-if __package__ in (None, ''):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -48,7 +44,7 @@ def make_data_config(dataset: str, image_size: int, data_dir=None,
                      split: Optional[str] = None, fake_examples=None,
                      num_classes: Optional[int] = None
                      ) -> ml_collections.ConfigDict:
-  """config.data fields (CONTRACTS.md) for evaluation only."""
+  """The config.data fields (nfnets/config.py) that evaluation reads."""
   from nfnets import config as config_lib  # pylint: disable=g-import-not-at-top
   cfg = config_lib.base_config().data  # every data knob, at its default
   cfg.update(dict(
@@ -168,6 +164,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
   args = parse_args(argv)
   runtime.configure_cpu_runtime()  # before JAX starts (nfnets/runtime.py)
+  runtime.keep_tensorflow_off_accelerators()
   if args.distributed:
     jax.distributed.initialize()
   model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}

@@ -14,14 +14,10 @@ transition, which the beta = 1/expected_std schedule assumes).
 import argparse
 import csv
 import os
-import sys
 from typing import Dict, List
 
 import jax
 import jax.numpy as jnp
-
-if __package__ in (None, ''):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nfnets.models as M  # noqa: E402
 from nfnets.models import layers  # noqa: E402

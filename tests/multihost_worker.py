@@ -26,10 +26,11 @@ def _emulate_hosts(hosts):
   from nfnets import data
   single_host = data.create_train_iterator
 
-  def create_train_iterator(cfg, *, global_batch_size, seed, start_step=0):
+  def create_train_iterator(cfg, *, global_batch_size, seed, start_step=0,
+                            source=None):
     its = [single_host(cfg, global_batch_size=global_batch_size, seed=seed,
                        start_step=start_step, process_index=i,
-                       process_count=hosts)
+                       process_count=hosts, source=source)
            for i in range(hosts)]
     while True:
       parts = [next(it) for it in its]

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from nfnets import config as config_lib
 from nfnets import data
+from nfnets.errors import DataError
 from nfnets.data import folder as folder_lib
 from nfnets.data import preprocess
 import test_images
@@ -307,3 +308,49 @@ def test_folder_errors(tmp_path):
     data.get_source(data_config(name='folder', data_dir=str(tmp_path / 'flat')))
   with pytest.raises(ValueError, match='needs config.data.data_dir'):
     data.get_source(data_config(name='folder'))
+
+
+# ---------------------------------------------------------------------------
+# Splits follow the dataset.
+def _demo_on(**data_fields):
+  c = config_lib.base_config()
+  config_lib.use_demo_model(c)
+  config_lib.use_digits(c)
+  c.data.update(data_fields)
+  return c
+
+
+def test_splits_follow_the_dataset(image_folder, tfds_dir, tmp_path):
+  from nfnets.training import setup  # pylint: disable=g-import-not-at-top
+  cases = [(dict(name='digits', data_dir=str(tmp_path / 'digits')), ('train', 'test'), (1497, 300)),
+           (dict(name='folder', data_dir=image_folder), ('train', 'val'), (16, 10)),
+           (dict(name='nfnets_test_multi', data_dir=tfds_dir, image_key='image'), ('train', 'test'),
+            (NUM_TRAIN, NUM_TEST)),
+           (dict(name='fake', fake_train_examples=64, fake_eval_examples=32),
+            ('train', 'validation'), (64, 32))]
+  for fields, splits, sizes in cases:
+    prepared = setup.prepare(_demo_on(**fields))
+    got = (prepared.config.data.train_split, prepared.config.data.eval_split)
+    assert got == splits, (fields['name'], got)
+    assert (prepared.num_train_examples, prepared.num_eval_examples) == sizes
+  # A value that is set wins.
+  prepared = setup.prepare(_demo_on(name='folder', data_dir=image_folder,
+                                    eval_split='train[:25%]'))
+  assert prepared.config.data.eval_split == 'train[:25%]'
+  assert prepared.config.data.train_split == 'train' and prepared.num_eval_examples == 4
+
+
+def test_a_train_only_dataset_says_how_to_hold_out(tmp_path):
+  from nfnets.training import setup  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / 'ds')
+  test_images.write_folder(root)
+  os.rename(os.path.join(root, 'val'), os.path.join(root, 'unused'))
+  with pytest.raises(DataError,
+                     match=r"only a train split: set config.data.train_split='train\[:90%\]' "
+                           r"and config.data.eval_split='train\[90%:\]'"):
+    setup.prepare(_demo_on(name='folder', data_dir=root))
+  prepared = setup.prepare(_demo_on(name='folder', data_dir=root,
+                                    train_split='train[:75%]', eval_split='train[75%:]'))
+  assert (prepared.num_train_examples, prepared.num_eval_examples) == (12, 4)
+  with pytest.raises(ValueError, match="config.data.eval_split: Split 'val' is not valid"):
+    setup.prepare(_demo_on(name='folder', data_dir=root, eval_split='val'))

@@ -113,13 +113,6 @@ def test_bad_conv_lowering_is_rejected(bad):
       M.param_shapes(name, 10, conv_lowering=bad)
 
 
-def test_old_option_name_says_what_to_use():
-  with pytest.raises(ValueError, match="'split' is now 'cpu'"):
-    M.param_shapes('F0', 10, conv_lowering='split')
-  with pytest.raises(TypeError, match="renamed conv_lowering.*'xla'.*'cpu'"):
-    M.build('F0', group_conv_impl='native')
-
-
 # Tiny members of each family with grouped convs (groups > 1 in F0/RegNet).
 _TINY = {
     'F0': dict(width=0.125, depth=(1, 1, 1, 1), group_size=16),

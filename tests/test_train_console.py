@@ -54,8 +54,8 @@ def test_unreadable_checkpoints_give_one_clear_error(demo):
       f.truncate(os.path.getsize(path) // 2)
   run = _train(workdir, '--config.train.num_steps=40')
   out = run.stdout + run.stderr
-  assert run.returncode == 1, out[-5000:]
-  assert 'None of the checkpoints under' in out, out
+  assert run.returncode == 2, out[-5000:]
+  assert 'error: None of the checkpoints under' in run.stderr, out
   assert str(workdir / 'checkpoints') in out and 'move' in out
   assert 'Traceback' not in out and 'Event loop is closed' not in out, out
   assert len(out.splitlines()) < 15, out

@@ -1,11 +1,13 @@
 """Errors raised when reading or validating checkpoints.
 
-All derive from `CheckpointError` (a `ValueError`), so callers can catch one
-type; the subclasses say what went wrong.
+All derive from `CheckpointError` (a `nfnets.errors.UserError`, hence a
+`ValueError`), so callers can catch one type; the subclasses say what went
+wrong.
 """
+from nfnets.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint could not be read or does not fit the model."""
 
 

@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import shutil
+import sys
+import warnings
 from typing import Any, Dict, Mapping, Optional
 
 import jax
@@ -109,15 +111,19 @@ def _is_restore_leftover(unraisable) -> bool:
   return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
 
 
-def _silence_restore_leftovers() -> None:
-  """After a failed orbax restore, its other array reads fail too, and
-  Python prints each, when the coroutine is collected or calls back into
-  orbax's closed asyncio loop, as an 'Exception ignored in ...' traceback
-  (thousands of lines for a model). Those (and only those: orbax coroutines,
-  'Event loop is closed') are logged at DEBUG instead. Installed once,
-  process-wide, before the first restore (the reports can arrive while the
-  failing restore is still unwinding)."""
-  import sys  # pylint: disable=g-import-not-at-top
+def silence_restore_leftovers() -> None:
+  """Logs at DEBUG, instead of printing, what a failed orbax restore leaves.
+
+  After a failed restore, its other array reads fail too, and Python prints
+  each, when the coroutine is collected or calls back into orbax's closed
+  asyncio loop, as an 'Exception ignored in ...' traceback (thousands of
+  lines for a model). This filters those (and only those: orbax coroutines,
+  'Event loop is closed') from sys.unraisablehook, sys.excepthook, asyncio's
+  logger and the warnings filters: process-wide settings, so a program's
+  `main` calls it (`python -m nfnets.train` does), not the library. The
+  reports can arrive while a failing restore unwinds and until the process
+  exits, so it stays installed; calling it again is harmless.
+  """
   previous = sys.unraisablehook
   if getattr(previous, '_nfnets_filter', False):
     return
@@ -143,20 +149,21 @@ def _silence_restore_leftovers() -> None:
   # exception was never retrieved' with the full traceback, and Python warns
   # that the coroutine was never awaited.
   logging.getLogger('asyncio').addFilter(_OrbaxTaskFilter())
-  import warnings  # pylint: disable=g-import-not-at-top
   warnings.filterwarnings(
       'ignore', message=r"coroutine '_read_array_index_and_device_put' was "
       'never awaited', category=RuntimeWarning)
 
 
 class _OrbaxTaskFilter(logging.Filter):
-  """Drops asyncio's 'never retrieved' reports of orbax / tensorstore reads
-  (installed only after a restore failed)."""
+  """Drops asyncio's reports of orbax / tensorstore reads ('never retrieved',
+  'unhandled exception during asyncio.run() shutdown')."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     msg = record.getMessage()
-    if 'never retrieved' in msg and (f'{os.sep}orbax{os.sep}' in msg or
-                                     'OCDBT' in msg or 'TensorStore' in msg):
+    reported = ('never retrieved' in msg or
+                'unhandled exception during asyncio.run() shutdown' in msg)
+    if reported and (f'{os.sep}orbax{os.sep}' in msg or 'OCDBT' in msg or
+                     'TensorStore' in msg):
       log.debug('Ignored after a failed restore: %s', msg.splitlines()[0])
       return False
     return True
@@ -234,7 +241,7 @@ class RunCheckpointer:
         f'Saving the checkpoint of step {step} under {self.directory} failed '
         f'({_short(e)}). Check free disk space and write permission there; '
         'the previous checkpoints are intact (saves are atomic). Rerun with '
-        '--verbosity=1 for the full orbax traceback.')
+        '--config.train.log_level=debug for the full orbax traceback.')
 
   def restore(self, target, meta: Dict[str, Any], step: Optional[int] = None):
     """Restores the newest readable checkpoint into `target`'s structure and
@@ -291,14 +298,10 @@ class RunCheckpointer:
       log.debug('Reading %s/meta failed', where, exc_info=e)
       return None, _short(e)
     check_meta(saved_meta, expected, where)
-    # Installed before the read: a failing read's other reads report from
-    # orbax's threads while the restore is still unwinding.
-    _silence_restore_leftovers()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(restore_target)))['state']
     except Exception as e:  # pylint: disable=broad-except
-      _silence_restore_leftovers()
       log.debug('Restoring %s/state failed', where, exc_info=e)
       return None, _short(e)
     return restored, None
@@ -336,8 +339,6 @@ class RunCheckpointer:
 
 def _like(target, restored: Mapping[str, Any]):
   """Returns `restored` (a mapping) as the type of `target`."""
-  if isinstance(restored, (list, tuple)):  # very old: saved as a sequence
-    restored = dict(zip(STATE_FIELDS, restored))
   if hasattr(target, '_asdict'):
     return type(target)(**{k: restored[k] for k in STATE_FIELDS})
   return {k: restored[k] for k in STATE_FIELDS}
@@ -401,6 +402,4 @@ def restore_params(path: str, which: str = 'ema') -> Dict[str, Any]:
   with ocp.StandardCheckpointer() as ckptr:
     state = ckptr.restore(step_dir / 'state',
                           _host_target(ckptr.metadata(step_dir / 'state')))
-  if isinstance(state, (list, tuple)):  # written before the mapping layout
-    state = dict(zip(STATE_FIELDS, state))
   return jax.tree.map(np.asarray, state[key])

@@ -2,8 +2,9 @@
 embedded digits, fake data.
 
 Module layout:
-  sources.py  - where examples come from and how one image is decoded
-                (tfds builders incl. imagenet2012, in-memory, fake, digits).
+  base.py     - the Source interface and the image decoding sources share.
+  sources.py  - where examples come from: tfds builders incl. imagenet2012,
+                in-memory, fake, digits; get_source(), default_splits().
   folder.py   - the image-folder source (DIR/train/<class>/*, DIR/val/...).
   splits.py   - tfds split strings -> pieces, per-host ranges.
   pipeline.py - the tf.data assembly of train / eval host batches that every
@@ -16,9 +17,11 @@ Module layout:
 Public API (see nfnets/data/pipeline.py for the guarantees):
   create_train_iterator(data_config, *, global_batch_size, seed, start_step=0)
   create_eval_iterator(data_config, *, global_batch_size)
-  get_source(data_config), num_examples(data_config, split),
+  get_source(data_config), default_splits(source),
+  check_split(source, split, field), num_examples(data_config, split),
   num_classes(data_config)
-  DatasetNotPreparedError
+  DatasetNotPreparedError (a nfnets.errors.DataError, like every bad
+  dataset / folder / split)
 Batches are plain host batches [global_batch_size // process_count, ...];
 device placement belongs to nfnets.training.
 """
@@ -50,9 +53,10 @@ from nfnets.data.randaugment import randaugment as rand_augment
 from nfnets.data.sources import (
     DatasetNotPreparedError,
     FakeSource,
-    InMemoryJpegSource,
     InMemorySource,
     TfdsSource,
+    check_split,
+    default_splits,
     get_source,
     num_classes,
     num_examples,
@@ -60,10 +64,10 @@ from nfnets.data.sources import (
 
 __all__ = [
     'DatasetNotPreparedError', 'EvalIterator', 'FakeSource', 'FolderSource',
-    'InMemoryJpegSource', 'InMemorySource', 'MEAN_RGB', 'STDDEV_RGB',
+    'InMemorySource', 'MEAN_RGB', 'STDDEV_RGB',
     'TfdsSource', 'TrainIterator', 'build_train_dataset', 'create_eval_iterator',
-    'create_train_iterator', 'cutmix', 'decode_and_inception_crop',
-    'decode_eval_jpeg', 'digits', 'eval_image_resize_crop', 'get_source', 'mix',
+    'create_train_iterator', 'check_split', 'cutmix', 'decode_and_inception_crop',
+    'decode_eval_jpeg', 'default_splits', 'digits', 'eval_image_resize_crop', 'get_source', 'mix',
     'mixup', 'mixup_cutmix', 'normalize', 'num_classes', 'num_examples',
     'one_hot_smoothed', 'parse_randaug', 'preprocess', 'rand_augment',
     'randaugment', 'train_image_from_crop',

@@ -24,8 +24,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from nfnets.data import sources
+from nfnets.data import base
 from nfnets.data import splits as splits_lib
+from nfnets.errors import DataError
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png')
 SPLIT_DIRS = {'train': 'train', 'val': 'val', 'validation': 'val'}
@@ -42,7 +43,7 @@ def _list_split(root: str, split_dir: str) -> Tuple[List[str], List[str], List[i
   top = os.path.join(root, split_dir)
   classes = sorted(e.name for e in os.scandir(top) if e.is_dir())
   if not classes:
-    raise ValueError(f'{top} has no class folders: expected {top}/<class>/<image>.')
+    raise DataError(f'{top} has no class folders: expected {top}/<class>/<image>.')
   paths, labels = [], []
   for label, cls in enumerate(classes):
     class_dir = os.path.join(top, cls)
@@ -53,7 +54,7 @@ def _list_split(root: str, split_dir: str) -> Tuple[List[str], List[str], List[i
         if f.lower().endswith(EXTENSIONS):
           files.append(os.path.relpath(os.path.join(dirpath, f), root))
     if not files:
-      raise ValueError(f'Class folder {class_dir} holds no images '
+      raise DataError(f'Class folder {class_dir} holds no images '
                        f'({", ".join(EXTENSIONS)}, any case).')
     files.sort()
     paths.extend(files)
@@ -61,17 +62,17 @@ def _list_split(root: str, split_dir: str) -> Tuple[List[str], List[str], List[i
   return classes, paths, labels
 
 
-class FolderSource(sources.Source):
+class FolderSource(base.Source):
   """DIR/train/<class>/* and DIR/val/<class>/*, see the module docstring."""
 
   def __init__(self, data_dir: Optional[str]):
     if not data_dir:
-      raise ValueError("config.data.name = 'folder' needs config.data.data_dir = "
+      raise DataError("config.data.name = 'folder' needs config.data.data_dir = "
                        'DIR holding DIR/train/<class>/* (and DIR/val/<class>/*).')
     self.root = os.path.abspath(os.path.expanduser(data_dir))
     self.name = f'folder {self.root}'
     if not os.path.isdir(os.path.join(self.root, 'train')):
-      raise ValueError(f'Image folder {self.root} has no train/ sub-folder: expected '
+      raise DataError(f'Image folder {self.root} has no train/ sub-folder: expected '
                        f'{self.root}/train/<class>/<image> (and {self.root}/val/...).')
     self.classes, train_paths, train_labels = _list_split(self.root, 'train')
     self._files: Dict[str, Tuple[List[str], np.ndarray]] = {
@@ -79,14 +80,14 @@ class FolderSource(sources.Source):
     val_dirs = [d for d in ('val', 'validation')
                 if os.path.isdir(os.path.join(self.root, d))]
     if len(val_dirs) > 1:
-      raise ValueError(f'Image folder {self.root} has both val/ and validation/; '
+      raise DataError(f'Image folder {self.root} has both val/ and validation/; '
                        'keep one (the evaluation split).')
     if val_dirs:
       val_classes, val_paths, val_labels = _list_split(self.root, val_dirs[0])
       if val_classes != self.classes:
         missing = sorted(set(self.classes) - set(val_classes))
         extra = sorted(set(val_classes) - set(self.classes))
-        raise ValueError(
+        raise DataError(
             f'Image folder {self.root}: the class folders of {val_dirs[0]}/ differ '
             f'from train/ (in train/ only: {missing[:10]}; in {val_dirs[0]}/ only: '
             f'{extra[:10]}). Both splits need the same class folders.')
@@ -107,6 +108,7 @@ class FolderSource(sources.Source):
     return os.path.join(self.root, self._files[SPLIT_DIRS[split]][0][index])
 
   cheap_read = True  # records are paths
+  eval_splits = ('val',)  # default_splits: DIR/val (or DIR/validation)
 
   def describe(self, split: str, index: int) -> str:
     return self.path(split, index)
@@ -123,7 +125,7 @@ class FolderSource(sources.Source):
           lambda i, p=paths, l=labels, d=ids: {
               'record': tf.gather(p, i), 'label': tf.gather(l, i),
               'id': tf.gather(d, i)}))
-    return sources.concat(dss)
+    return base.concat(dss)
 
   def load(self, record):
     # The record is the path: the file is read in the (parallel, guarded)

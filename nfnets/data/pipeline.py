@@ -90,13 +90,6 @@ from nfnets.data.splits import (eval_host_range, pieces_len, resolve_split,  # p
 AUTOTUNE = tf.data.AUTOTUNE
 _no_autograph = sources_lib.no_autograph
 
-# The input pipeline runs on the host; keep TensorFlow off any accelerator
-# (a GPU build of TF would otherwise reserve GPU memory that JAX needs).
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except (RuntimeError, ValueError):  # Already initialised / no such device type.
-  pass
-
 
 # ---------------------------------------------------------------------------
 # Layout and checks.
@@ -294,7 +287,7 @@ def create_eval_iterator(data_config, *, global_batch_size: int,
   source = source or get_source(data_config)
   _check_classes(source, data_config)
   image_size = _image_size(data_config, 'eval_image_size')
-  split = split or data_config.eval_split
+  split = split or data_config.eval_split or sources_lib.default_splits(source)[1]
   pieces = resolve_split(source.split_infos, split, where=source.name)
   total = pieces_len(pieces)
   h_start, h_stop = eval_host_range(total, layout.process_index, layout.process_count)

@@ -28,8 +28,9 @@ resize to image_size. Eval: the release's 'resize_crop_32' (resize to
 transforms (deepmind-research/nfnets/dataset.py, eval_preproc
 'resize_crop_32'), used for every dataset.
 """
+import difflib
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -38,14 +39,15 @@ import tensorflow_datasets as tfds
 from nfnets.data import digits as digits_lib
 from nfnets.data import preprocess
 from nfnets.data import splits as splits_lib
-
-AUTOTUNE = tf.data.AUTOTUNE
+from nfnets.data.base import AUTOTUNE, Source, concat, no_autograph
+from nfnets.data.folder import FolderSource
+from nfnets.errors import DataError
 _BIG = 2 ** 62
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 IMAGENET_EVAL_EXAMPLES = 50_000
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(DataError, FileNotFoundError):
   """The requested tfds dataset is not prepared in the data dir."""
 
 
@@ -81,111 +83,6 @@ def _not_prepared_message(name: str, data_dir: str) -> str:
       '(DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg).')
 
 
-# Our map functions are plain TF code; autograph conversion only costs time.
-no_autograph = tf.autograph.experimental.do_not_convert
-
-
-# ---------------------------------------------------------------------------
-# Image decoding shared by the image sources.
-def to_rgb(image):
-  """uint8 [h, w, 1|3|4] -> [h, w, 3] (grey repeated, alpha dropped)."""
-  channels = image.shape[-1]
-  if channels == 1:
-    return tf.image.grayscale_to_rgb(image)
-  if channels == 4:
-    return image[..., :3]
-  if channels != 3:
-    raise ValueError(f'Images must have 1, 3 or 4 channels, got shape {image.shape}.')
-  return image
-
-
-def decode_any(encoded):
-  """Encoded JPEG / PNG / GIF / BMP bytes -> uint8 [h, w, 3]."""
-  image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8,
-                             expand_animations=False)
-  image.set_shape([None, None, 3])
-  return image
-
-
-def inception_crop(image, seed, image_size: int):
-  """The train crop (same window as for JPEG) of a decoded uint8 image."""
-  # pylint: disable=protected-access
-  window = preprocess._inception_crop_window(tf.shape(image), seed, image_size)
-  y, x, h, w = tf.unstack(window)
-  return tf.slice(image, tf.stack([y, x, 0]), tf.stack([h, w, -1]))
-
-
-def decode_and_crop(encoded, seed, image_size: int, jpeg_only: bool = False):
-  """Inception crop of encoded bytes: JPEG decodes only the crop window
-  (fast path), other formats are decoded whole and then cropped. With
-  jpeg_only (a source whose images are all JPEG) the format test is skipped."""
-  if jpeg_only:
-    return preprocess.decode_and_inception_crop(encoded, seed, image_size)
-  return tf.cond(
-      tf.io.is_jpeg(encoded),
-      lambda: preprocess.decode_and_inception_crop(encoded, seed, image_size),
-      lambda: inception_crop(decode_any(encoded), seed, image_size))
-
-
-class Source:
-  """Base: an image dataset with the ImageNet train / eval transforms.
-
-  Subclasses set name, num_classes, split_infos, `encoded` (records are
-  encoded bytes, else uint8 [h, w, C] tensors), `jpeg_only` (every record is
-  a JPEG: no per-image format test) and implement read().
-  """
-  name: str = ''
-  num_classes: Optional[int] = None
-  split_infos = None
-  encoded: bool = True
-  jpeg_only: bool = False
-  cheap_read: bool = False  # records can be re-read cheaply (to name skips)
-
-  def read(self, pieces: Sequence[splits_lib.Piece]) -> tf.data.Dataset:
-    """Records of `pieces`, in order: {'record', 'label' int64, 'id' int64}."""
-    raise NotImplementedError
-
-  def describe(self, split: str, index: int) -> str:
-    """Human-readable name of example `index` of `split` (for messages)."""
-    return f'{self.name} {split}[{index}]'
-
-  def describe_record(self, record, example_id: int) -> str:
-    """Human-readable name of a record read by read() (for messages)."""
-    del record
-    return f'{self.name} example id {example_id}'
-
-  def load(self, record):
-    """Record -> encoded bytes or decoded image (a folder reads the file)."""
-    return record
-
-  # Stage 1 (may fail on corrupt data; the pipeline skips such examples).
-  def decode_train(self, record, seed, image_size: int, cfg):
-    del cfg
-    record = self.load(record)
-    if self.encoded:
-      return decode_and_crop(record, seed, image_size, self.jpeg_only)
-    return inception_crop(to_rgb(record), seed, image_size)
-
-  # Stage 2 (errors here are bugs, never swallowed): -> uint8 [S, S, 3].
-  def augment_train(self, decoded, seed, image_size: int, cfg):
-    return preprocess.train_image_from_crop(
-        decoded, seed, image_size, cfg.resize_method)
-
-  def decode_eval(self, record, image_size: int, cfg):
-    record = self.load(record)
-    image = decode_any(record) if self.encoded else to_rgb(record)
-    return preprocess.eval_image_resize_crop(image, image_size, cfg.resize_method)
-
-
-def concat(dss):
-  if not dss:
-    raise ValueError('Empty split.')
-  ds = dss[0]
-  for d in dss[1:]:
-    ds = ds.concatenate(d)
-  return ds
-
-
 # ---------------------------------------------------------------------------
 # tensorflow-datasets builders.
 def _tfds_read(builder, split: str, decoders) -> tf.data.Dataset:
@@ -210,44 +107,44 @@ def _image_candidates(features):
 
 def find_features(features, name: str, image_key: Optional[str] = None,
                   label_key: Optional[str] = None):
-  """(image_key, encoded, label_key) of a tfds FeaturesDict, or ValueError."""
+  """(image_key, encoded, label_key) of a tfds FeaturesDict, or DataError."""
   all_keys = sorted(features.keys())
   images, encoded = _image_candidates(features)
   if image_key is not None:
     if image_key not in features:
-      raise ValueError(f'{name}: config.data.image_key={image_key!r} is not a '
+      raise DataError(f'{name}: config.data.image_key={image_key!r} is not a '
                        f'feature; features: {all_keys}.')
     if image_key not in images:
-      raise ValueError(
+      raise DataError(
           f'{name}: feature {image_key!r} is not an image '
           f'({features[image_key]!r}); image features: {images or "none"}.')
   elif len(images) == 1:
     image_key = images[0]
   elif not images:
-    raise ValueError(f'{name} has no image feature (tfds.features.Image or a '
+    raise DataError(f'{name} has no image feature (tfds.features.Image or a '
                      f'uint8 [H, W, C] tensor); features: {all_keys}.')
   else:
-    raise ValueError(f'{name} has several image features {images}; set '
+    raise DataError(f'{name} has several image features {images}; set '
                      'config.data.image_key to one of them.')
   image_feature = features[image_key]
   if encoded and image_feature.np_dtype != np.uint8:
-    raise ValueError(f'{name}: image feature {image_key!r} has dtype '
+    raise DataError(f'{name}: image feature {image_key!r} has dtype '
                      f'{image_feature.np_dtype}; only uint8 images are supported.')
 
   labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
   if label_key is not None:
     if label_key not in labels:
-      raise ValueError(f'{name}: config.data.label_key={label_key!r} is not a '
+      raise DataError(f'{name}: config.data.label_key={label_key!r} is not a '
                        f'ClassLabel feature; ClassLabel features: {labels or "none"}.')
   elif 'label' in labels:
     label_key = 'label'
   elif len(labels) == 1:
     label_key = labels[0]
   elif not labels:
-    raise ValueError(f'{name} has no class label (tfds.features.ClassLabel); '
+    raise DataError(f'{name} has no class label (tfds.features.ClassLabel); '
                      f'features: {all_keys}.')
   else:
-    raise ValueError(f'{name} has several ClassLabel features {labels} and none '
+    raise DataError(f'{name} has several ClassLabel features {labels} and none '
                      "is named 'label'; set config.data.label_key to one of them.")
   return image_key, encoded, label_key
 
@@ -348,9 +245,6 @@ class InMemorySource(Source):
                    for _, a, b in pieces])
 
 
-InMemoryJpegSource = InMemorySource  # The earlier name.
-
-
 class FakeSource(Source):
   """Random uint8 images generated from the example index (no I/O).
 
@@ -400,13 +294,18 @@ class FakeSource(Source):
 def _tfds_builder(name: str, data_dir: Optional[str]):
   try:
     return tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(
-        f'Unknown dataset {name!r}: config.data.name must be a '
-        "tensorflow-datasets builder name (e.g. 'imagenet2012', 'cifar10', "
-        "'imagenette/320px-v2'; see https://www.tensorflow.org/datasets/catalog), "
-        "'folder' (with config.data.data_dir), 'digits' or 'fake'. "
-        f'tfds said: {e}') from e
+  except tfds.core.registered.DatasetNotFoundError:
+    pass  # tfds' message lists its whole catalogue: ours names close ones.
+  base = name.split(':')[0].split('/')[0]
+  close = difflib.get_close_matches(
+      base, tfds.list_builders(with_community_datasets=False) +
+      ['folder', 'digits', 'fake'], n=3, cutoff=0.75)
+  hint = f' Did you mean {" or ".join(map(repr, close))}?' if close else ''
+  raise DataError(
+      f'Unknown dataset {name!r} (config.data.name).{hint} Use a '
+      "tensorflow-datasets builder name (e.g. 'imagenet2012', 'cifar10', "
+      "'imagenette/320px-v2'; see https://www.tensorflow.org/datasets/catalog), "
+      "'folder' (with config.data.data_dir), 'digits' or 'fake'.")
 
 
 def get_source(data_config) -> Source:
@@ -414,8 +313,8 @@ def get_source(data_config) -> Source:
   name = data_config.name
   data_dir = data_config.data_dir
   if not name:
-    raise ValueError('config.data.name is empty: a tfds builder name, '
-                     "'folder', 'digits' or 'fake'.")
+    raise DataError('config.data.name is empty: a tfds builder name, '
+                    "'folder', 'digits' or 'fake'.")
   if name == 'digits':
     return DigitsSource(digits_lib.prepare(data_dir))
   if name == 'fake':
@@ -423,8 +322,7 @@ def get_source(data_config) -> Source:
                       data_config.fake_train_examples,
                       data_config.fake_eval_examples)
   if name == 'folder':
-    from nfnets.data import folder  # pylint: disable=g-import-not-at-top
-    return folder.FolderSource(data_dir)
+    return FolderSource(data_dir)
   builder = _tfds_builder(name, data_dir)
   if not builder.is_prepared():
     root = os.fspath(builder.data_dir_root)
@@ -433,6 +331,43 @@ def get_source(data_config) -> Source:
     raise DatasetNotPreparedError(_not_prepared_message(name, root))
   return TfdsSource(builder, name=name, image_key=data_config.image_key,
                     label_key=data_config.label_key)
+
+
+def default_splits(source: Source) -> Tuple[str, str]:
+  """The (train, eval) splits a run uses when config.data leaves them None.
+
+  Train: 'train'. Eval: 'validation', else 'test', else 'val' (an image
+  folder's). A dataset with only a train split has no held-out data: the
+  DataError says to slice one.
+  """
+  splits = set(source.split_infos or ())
+  if 'train' not in splits:
+    raise DataError(
+        f'{source.name} has no \'train\' split (it has {sorted(splits)}): set '
+        'config.data.train_split and config.data.eval_split.')
+  for eval_split in getattr(source, 'eval_splits', ('validation', 'test',
+                                                    'val')):
+    if eval_split in splits:
+      return 'train', eval_split
+  raise DataError(
+      f'{source.name} has only a train split: set '
+      "config.data.train_split='train[:90%]' and "
+      "config.data.eval_split='train[90%:]' (or other tfds slicing) to hold "
+      'out part of it for evaluation.')
+
+
+def check_split(source: Source, split: str, field: str) -> int:
+  """The size of `split` of `source`; a DataError naming config.data.`field`
+  and the available splits if the source has no such split, or it is empty."""
+  try:
+    n = splits_lib.pieces_len(
+        splits_lib.resolve_split(source.split_infos, split, where=source.name))
+  except DataError as e:
+    raise DataError(f'config.data.{field}: {e}') from None
+  if not n:
+    raise DataError(f'config.data.{field}={split!r} of {source.name} holds no '
+                    'examples.')
+  return n
 
 
 def num_examples(data_config, split: str, *, source: Optional[Source] = None) -> int:

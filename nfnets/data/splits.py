@@ -12,6 +12,8 @@ from typing import List, Mapping, Sequence, Tuple
 
 import tensorflow_datasets as tfds
 
+from nfnets.errors import DataError
+
 Piece = Tuple[str, int, int]  # (split name, start, stop), absolute indices.
 
 
@@ -28,7 +30,7 @@ class SplitLen:
 def resolve_split(split_infos: Mapping, split: str, *, where: str = '') -> List[Piece]:
   """tfds split string -> ordered list of absolute (name, start, stop) pieces.
 
-  Raises ValueError naming the available splits when `split` refers to a
+  Raises DataError naming the available splits when `split` refers to a
   split the source does not have (`where` names the source in the message).
   """
   try:
@@ -36,11 +38,11 @@ def resolve_split(split_infos: Mapping, split: str, *, where: str = '') -> List[
     instructions = ri.to_absolute(split_infos)
   except (KeyError, ValueError, AssertionError) as e:
     available = sorted(split_infos) if split_infos else []
-    raise ValueError(
+    raise DataError(
         f'Split {split!r} is not valid for {where or "this dataset"}: '
         f'{str(e).rstrip(".")}. '
         f'Available splits: {available} (tfds slicing syntax, e.g. '
-        "'train[:90%]', 'train[10000:]+validation').") from e
+        "'train[:90%]', 'train[10000:]+validation').") from None
   pieces = []
   for instr in instructions:
     n = split_infos[instr.splitname].num_examples

@@ -14,6 +14,7 @@ from typing import Any, List, Optional
 import numpy as np
 import tensorflow as tf
 
+from nfnets.errors import DataError
 from nfnets.data import mix as mix_lib
 from nfnets.data import preprocess
 from nfnets.data import randaugment as ra_lib
@@ -109,13 +110,13 @@ class EpochStream:
   def __init__(self, source, data_config, plan: TrainPlan, seed: int, order_key):
     layout = plan.layout
     self.source = source
-    split = data_config.train_split
+    split = data_config.train_split or sources_lib.default_splits(source)[0]
     pieces = resolve_split(source.split_infos, split, where=source.name)
     total = pieces_len(pieces)
     h_start, h_stop = train_host_range(total, layout.process_index, layout.process_count)
     self.n_host = n_host = h_stop - h_start
     if n_host <= 0:
-      raise ValueError(f'Split {split!r} ({total} examples) is too small for '
+      raise DataError(f'Split {split!r} ({total} examples) is too small for '
                        f'{layout.process_count} processes.')
     num_chunks = int(data_config.num_chunks or 0) or int(np.clip(n_host // 10000, 1, 64))
     self.num_chunks = max(1, min(num_chunks, n_host))

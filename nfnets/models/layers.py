@@ -87,13 +87,10 @@ CONV_LOWERINGS = ('xla', 'cpu')
 def check_conv_lowering(conv_lowering: Optional[str]) -> Optional[str]:
   """Returns `conv_lowering` if valid, else raises a ValueError."""
   if conv_lowering is not None and conv_lowering not in CONV_LOWERINGS:
-    old = {'native': 'xla', 'split': 'cpu'}
-    hint = (f" (the former group_conv_impl={conv_lowering!r} is now "
-            f"{old[conv_lowering]!r})" if conv_lowering in old else '')
     raise ValueError(
         f'conv_lowering must be None (backend default), "xla" (one XLA '
         f'convolution, grouped natively) or "cpu" (the XLA:CPU arrangement in '
-        f'nfnets.models.cpu_conv), got {conv_lowering!r}{hint}.')
+        f'nfnets.models.cpu_conv), got {conv_lowering!r}.')
   return conv_lowering
 
 

@@ -61,11 +61,6 @@ def build(name: str, num_classes: int = 1000, **overrides) -> hk.Module:
   Returns:
     A module called as model(images, is_training) -> {'logits', 'pool', ...}.
   """
-  if 'group_conv_impl' in overrides:
-    raise TypeError(
-        "group_conv_impl was renamed conv_lowering: use conv_lowering='xla' "
-        "for 'native', conv_lowering='cpu' for 'split' (None = backend "
-        "default).")
   spec = get_variant(name)
   return _FAMILIES[spec.family](num_classes=num_classes, variant=spec.name,
                                 **overrides)

@@ -1,4 +1,4 @@
-"""nfnets.optim: AGC, parameter-group masks, the NFNet recipe, EMA and SAM."""
+"""nfnets.optim: AGC, parameter-group masks, the optimizer chain (optimizer.py), EMA and SAM."""
 
 from nfnets.optim.agc import adaptive_grad_clip
 from nfnets.optim.agc import agc_states
@@ -22,18 +22,18 @@ from nfnets.optim.masks import param_labels
 from nfnets.optim.masks import path_to_str
 from nfnets.optim.masks import tree_paths
 from nfnets.optim.masks import weight_decay_mask
-from nfnets.optim.recipe import AGC_CLIPPING_TABLE
-from nfnets.optim.recipe import agc_clipping_for_batch_size
-from nfnets.optim.recipe import agc_clipping_value
-from nfnets.optim.recipe import BY_BATCH
-from nfnets.optim.recipe import default_optim_config
-from nfnets.optim.recipe import FAMILY_FIELDS
-from nfnets.optim.recipe import LR_SCALINGS
-from nfnets.optim.recipe import make_optimizer
-from nfnets.optim.recipe import peak_learning_rate
-from nfnets.optim.recipe import training_steps
-from nfnets.optim.recipe import TrainingSteps
-from nfnets.optim.recipe import warmup_cosine_schedule
+from nfnets.optim.optimizer import AGC_CLIPPING_TABLE
+from nfnets.optim.optimizer import agc_clipping_for_batch_size
+from nfnets.optim.optimizer import agc_clipping_value
+from nfnets.optim.optimizer import BY_BATCH
+from nfnets.optim.optimizer import default_optim_config
+from nfnets.optim.optimizer import FAMILY_FIELDS
+from nfnets.optim.optimizer import LR_SCALINGS
+from nfnets.optim.optimizer import make_optimizer
+from nfnets.optim.optimizer import peak_learning_rate
+from nfnets.optim.optimizer import training_steps
+from nfnets.optim.optimizer import TrainingSteps
+from nfnets.optim.optimizer import warmup_cosine_schedule
 from nfnets.optim.sam import sam_gradients
 from nfnets.optim.sam import sam_perturbation
 

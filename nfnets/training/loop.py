@@ -1,6 +1,8 @@
 """The experiment loop: train_and_evaluate(config, workdir).
 
-Setup is `build(config)` (nfnets.training.setup); devices are the seam
+The dataset is read and the config resolved and checked once, before
+anything compiles (`prepare`, nfnets.training.setup); the model, optimizer
+and steps are `build(config)`; devices are the seam
 `parallel.make(config.parallel)`; the loop is "one step, then the periodic
 actions that are due".
 """
@@ -18,9 +20,7 @@ from nfnets import data
 from nfnets.training import hardware
 from nfnets.training import parallel
 from nfnets.training.logger import MetricWriter, format_duration
-# build/Setup are part of this module's interface (loop.build(config)).
-from nfnets.training.setup import (Setup, add_trees, build, due, evaluate,  # pylint: disable=unused-import
-                                   resolve_compute_dtype)
+from nfnets.training.setup import add_trees, build, due, evaluate, prepare
 
 
 class NonFiniteError(RuntimeError):
@@ -57,6 +57,72 @@ def _check_nonfinite(nonfinite: int, step: int, limit: int) -> None:
         'agc_clipping) and the input data.')
 
 
+def _start(config, workdir: str, is_main: bool):
+  """The dataset (read once), resolved config and Setup of a run."""
+  # Every mistake a user can fix surfaces here, before anything compiles.
+  config_lib.validate(config, num_devices=jax.device_count())
+  prepared = prepare(config)
+  config = prepared.config  # resolved: sizes, RandAugment, recipe, classes
+  config_lib.validate(config, num_devices=jax.device_count())
+  run = build(config, num_train_examples=prepared.num_train_examples,
+              data_num_classes=config.model.num_classes)
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    logging.info('%s', config_lib.describe(config))
+  return prepared.source, run
+
+
+def _resume(ckpt, dp, run):
+  """(state, start step): the newest checkpoint's, or the initial state."""
+  if ckpt.latest_step() is None:
+    return run.state, 0
+  try:
+    state = ckpt.restore(dp.target_for_restore(run.state), run.meta)
+  except BaseException:
+    ckpt.close()  # orbax's threads end before the error reaches the user
+    raise
+  logging.info('Resumed from %s at step %d.', ckpt.directory, int(state.step))
+  return state, int(state.step)
+
+
+def _eval_results(dp, eval_step, state, eval_batches) -> Dict[str, float]:
+  """Top-1/5, loss and count of the raw and the EMA params."""
+  results = {}
+  for prefix, params in (('eval', state.params), ('eval_ema', state.ema_params)):
+    totals = evaluate(dp, eval_step, params, eval_batches)
+    count = totals['count']
+    results.update({f'{prefix}/top1': totals['top1'] / count,
+                    f'{prefix}/top5': totals['top5'] / count,
+                    f'{prefix}/loss': totals['loss'] / count,
+                    f'{prefix}/count': count})
+  return results
+
+
+def _log_eval(step, results, num_skipped) -> None:
+  logging.info('[%d] eval top1 %.4f top5 %.4f | ema top1 %.4f top5 %.4f '
+               '(%d examples%s)', step, results['eval/top1'],
+               results['eval/top5'], results['eval_ema/top1'],
+               results['eval_ema/top5'], results['eval/count'],
+               f'; {num_skipped} undecodable image(s) skipped on host 0'
+               if num_skipped else '')
+
+
+def _train_metrics(dp, run, window_sums, window_steps, step, seconds, peak):
+  """The window's mean train metrics, lr, throughput, TFLOPs and MFU."""
+  m = {f'train/{k}': float(v) / window_steps
+       for k, v in dp.fetch(window_sums).items()}
+  img_s = window_steps * run.batch_size / max(seconds, 1e-9)
+  m['train/lr'] = float(run.lr_fn(step - 1))
+  m['train/throughput'] = img_s
+  m['train/tflops_per_device'] = (img_s * run.flops_per_image / 1e12 /
+                                  dp.num_devices)
+  if peak:
+    m['train/mfu'] = m['train/tflops_per_device'] / peak
+  return m
+
+
 def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   """Trains and evaluates a model; resumes from WORKDIR's latest checkpoint.
 
@@ -65,92 +131,43 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   steps since the previous log ('train/loss', ..., 'train/lr').
   """
   maybe_initialize_distributed(config.distributed)
-  # Checks the placeholders that are set; build() validates the resolved copy.
-  config_lib.validate(config, num_devices=jax.device_count())
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  source, run = _start(config, workdir, is_main)
+  config, cfg = run.config, run.config.train
   dp = parallel.make(config.parallel)
-  run = build(config, data_num_classes=data.num_classes(config.data))
-  config = run.config  # resolved: sizes, RandAugment, recipe, classes
-  config_lib.validate(config, num_devices=jax.device_count())
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    logging.info('%s', config_lib.describe(config))
-  cfg = config.train
-
   ckpt = checkpoints.RunCheckpointer(workdir, max_to_keep=cfg.keep_checkpoints,
                                      async_save=cfg.async_checkpointing)
-  state, start_step = run.state, 0
-  if ckpt.latest_step() is not None:
-    try:
-      state = ckpt.restore(dp.target_for_restore(state), run.meta)
-    except BaseException:
-      ckpt.close()  # orbax's threads end before the error reaches the user
-      raise
-    start_step = int(state.step)
-    logging.info('Resumed from %s at step %d.', ckpt.directory, start_step)
+  state, start_step = _resume(ckpt, dp, run)
   state = dp.put_state(state)
   train_step = dp.train_step(run.train_step)
   eval_step = dp.eval_step(run.eval_step)
   batches = dp.put_batch(data.create_train_iterator(
       config.data, global_batch_size=run.batch_size, seed=config.seed,
-      start_step=start_step), cfg.prefetch)
+      start_step=start_step, source=source), cfg.prefetch)
+  # One eval iterator for the run: each pass re-reads the split, and
+  # undecodable images are warned about once.
+  eval_batches = data.create_eval_iterator(
+      config.data, global_batch_size=cfg.eval_batch_size, source=source)
   writer = MetricWriter(workdir, enabled=is_main)
   peak = hardware.peak_tflops_for(jax.devices()[0].device_kind,
                                   jnp.dtype(run.compute_dtype).name)
-  total, batch_size = run.total_steps, run.batch_size
+  total = run.total_steps
   # Block on a result at least this often (fake CPU devices deadlock when
   # too many steps are in flight).
   sync_every = min(cfg.sync_every_steps, cfg.log_every_steps)
   if is_main:
     logging.info('Training %s for %d steps (%.1f/epoch), global batch %d on %d '
                  'devices (%d hosts, %s), compute %s.', config.model.name,
-                 total, run.steps_per_epoch, batch_size, dp.num_devices,
+                 total, run.steps_per_epoch, run.batch_size, dp.num_devices,
                  jax.process_count(), type(dp).__name__,
                  jnp.dtype(run.compute_dtype).name)
 
-  # One eval iterator for the run: each pass re-reads the split, and
-  # undecodable images are warned about once.
-  eval_batches = data.create_eval_iterator(
-      config.data, global_batch_size=cfg.eval_batch_size)
-
   def run_eval(step):
-    results = {}
-    for prefix, params in (('eval', state.params),
-                           ('eval_ema', state.ema_params)):
-      totals = evaluate(dp, eval_step, params, eval_batches)
-      count = totals['count']
-      results.update({f'{prefix}/top1': totals['top1'] / count,
-                      f'{prefix}/top5': totals['top5'] / count,
-                      f'{prefix}/loss': totals['loss'] / count,
-                      f'{prefix}/count': count})
+    results = _eval_results(dp, eval_step, state, eval_batches)
     writer.write(step, results)
     if is_main:
-      logging.info('[%d] eval top1 %.4f top5 %.4f | ema top1 %.4f top5 %.4f '
-                   '(%d examples%s)', step, results['eval/top1'],
-                   results['eval/top5'], results['eval_ema/top1'],
-                   results['eval_ema/top5'], results['eval/count'],
-                   f'; {eval_batches.num_skipped} undecodable image(s) '
-                   'skipped on host 0' if eval_batches.num_skipped else '')
+      _log_eval(step, results, eval_batches.num_skipped)
     return results
-
-  def log_train(step, window_sums, window_steps, seconds):
-    m = {f'train/{k}': float(v) / window_steps
-         for k, v in dp.fetch(window_sums).items()}
-    img_s = window_steps * batch_size / max(seconds, 1e-9)
-    m['train/lr'] = float(run.lr_fn(step - 1))
-    m['train/throughput'] = img_s
-    m['train/tflops_per_device'] = (img_s * run.flops_per_image / 1e12 /
-                                    dp.num_devices)
-    if peak:
-      m['train/mfu'] = m['train/tflops_per_device'] / peak
-    writer.write(step, m)
-    if is_main:
-      logging.info('[%d/%d] loss %.4f top1 %.3f lr %.4g | %.1f img/s | ETA %s',
-                   step, total, m['train/loss'], m['train/top1'],
-                   m['train/lr'], img_s,
-                   format_duration((total - step) * batch_size / img_s))
 
   # SIGTERM on any host -> every host saves the same step and exits.
   preempt = checkpoints.PreemptionWatcher()
@@ -172,7 +189,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
                          cfg.max_nonfinite_steps)
       if due(step, cfg.log_every_steps) or last:
         now = time.time()
-        log_train(step, window_sums, window_steps, now - t_window)
+        m = _train_metrics(dp, run, window_sums, window_steps, step,
+                           now - t_window, peak)
+        writer.write(step, m)
+        if is_main:
+          logging.info(
+              '[%d/%d] loss %.4f top1 %.3f lr %.4g | %.1f img/s | ETA %s',
+              step, total, m['train/loss'], m['train/top1'], m['train/lr'],
+              m['train/throughput'], format_duration(
+                  (total - step) * run.batch_size / m['train/throughput']))
         t_window, window_sums, window_steps = now, None, 0
       if due(step, cfg.eval_every_steps) and not last:
         results = run_eval(step)

@@ -1,10 +1,12 @@
-"""What a run is made of, built from its config: `build(config) -> Setup`.
+"""What a run is made of, built from its config: `prepare(config) -> Data`
+(the dataset, read once, and the resolved config, checked before anything
+compiles) and `build(config) -> Setup`.
 
 Shared by the training loop (nfnets.training.loop) and scripts/benchmark.py;
-imports no TensorFlow (the data pipeline is only asked for the train split's
-size, and only when the caller does not pass it).
+imports no TensorFlow unless the data source is asked for.
 """
 import dataclasses
+import os
 from typing import Any, Callable, Dict, Iterable, Optional
 
 from absl import logging
@@ -60,6 +62,50 @@ class Setup:
   flops_per_image: float
 
 
+@dataclasses.dataclass
+class Data:
+  """A config resolved against its dataset.
+
+  Attributes:
+    config: the resolved config (classes, splits, sizes, recipe).
+    source: the dataset (nfnets.data.get_source), built once per run and
+      passed to the iterators.
+    num_train_examples: size of config.data.train_split.
+    num_eval_examples: size of config.data.eval_split.
+  """
+  config: Any
+  source: Any
+  num_train_examples: int
+  num_eval_examples: int
+
+
+def prepare(config, source: Any = None) -> Data:
+  """Reads the dataset once and resolves `config` against it, so that every
+  mistake a user can fix is found before anything is compiled.
+
+  Raises:
+    nfnets.errors.UserError: no such dataset, image folder or split; a class
+      count that does not match; an invalid config value; a missing
+      init.checkpoint.
+  """
+  from nfnets import data  # pylint: disable=g-import-not-at-top
+  source = source or data.get_source(config.data)
+  splits = (config.data.train_split or 'train', config.data.eval_split)
+  if splits[1] is None:
+    splits = (splits[0], data.default_splits(source)[1])
+  resolved = config_lib.resolve(
+      config, data.num_classes(config.data, source=source), splits)
+  n_train = data.check_split(source, resolved.data.train_split, 'train_split')
+  n_eval = data.check_split(source, resolved.data.eval_split, 'eval_split')
+  path = resolved.init.checkpoint
+  if path and not os.path.exists(os.path.expanduser(path)):
+    from nfnets.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
+    raise CheckpointError(
+        f'config.init.checkpoint: {path} does not exist. Give a released '
+        'F*_haiku.npz, a .npz, or a workdir / checkpoint dir of a run.')
+  return Data(resolved, source, n_train, n_eval)
+
+
 def resolve_compute_dtype(name: str):
   if name == 'auto':
     return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
@@ -104,23 +150,21 @@ def build(config, *, num_train_examples: Optional[int] = None,
     config: an experiment config (nfnets.config.base_config); placeholders
       are resolved here (`Setup.config` is the resolved copy).
     num_train_examples: size of config.data.train_split; default: asked
-      from the data pipeline (which imports TensorFlow).
+      from the dataset (`prepare`, which imports TensorFlow).
     data_num_classes: the dataset's class count; default: model.num_classes
-      when set, else asked from the data pipeline. The loop passes the
-      dataset's, so a disagreeing model.num_classes is an error.
+      when set, else asked from the dataset. With both given (and no
+      dataset read), unset splits become 'train' / 'validation'.
     abstract: state as jax.ShapeDtypeStructs (no initialisation, no
       fine-tuning checkpoint read), e.g. to compile for memory analysis.
   """
   if data_num_classes is None:
     data_num_classes = config.model.num_classes
   if data_num_classes is None or num_train_examples is None:
-    from nfnets import data  # pylint: disable=g-import-not-at-top
-    if data_num_classes is None:
-      data_num_classes = data.num_classes(config.data)
-  config = config_lib.resolve(config, data_num_classes)
-  if num_train_examples is None:
-    num_train_examples = data.num_examples(config.data,
-                                           config.data.train_split)
+    prepared = prepare(config)
+    config = prepared.config
+    num_train_examples = prepared.num_train_examples
+  else:
+    config = config_lib.resolve(config, data_num_classes)
   compute_dtype = resolve_compute_dtype(config.model.compute_dtype)
   eval_dtype = (compute_dtype if config.model.eval_compute_dtype == 'auto'
                 else jnp.dtype(config.model.eval_compute_dtype))

@@ -1,4 +1,4 @@
-"""The NFNet optimizer recipe (Brock et al. 2021, arXiv 2102.06171) as one optax chain.
+"""The NFNet optimizer (Brock et al. 2021, arXiv 2102.06171) as one optax chain.
 
 ::
 
@@ -57,6 +57,8 @@ import ml_collections
 from ml_collections import config_dict
 import optax
 
+from nfnets import recipes
+from nfnets.errors import ConfigError
 from nfnets.optim.agc import adaptive_grad_clip
 from nfnets.optim.masks import (CLASSIFIER_REGEX, agc_mask, is_classifier,
                                 tree_paths, weight_decay_mask)
@@ -76,15 +78,15 @@ def agc_clipping_for_batch_size(batch_size: int) -> float:
   raise AssertionError('unreachable')
 
 
-# Fields whose value depends on the model family (NFNet, NF-RegNet, ...):
-# placeholders (None) in the experiment config, filled from the family's recipe
-# by nfnets.config.resolve(). The values here are the NFNet recipe.
+# Fields whose value depends on the model family (NFNet, NF-RegNet, ...) and
+# their types: placeholders (None) in the experiment config, filled from the
+# family's row of nfnets.recipes by nfnets.config.resolve().
 FAMILY_FIELDS = {
-    'lr': (float, 0.1),
-    'lr_scaling': (str, 'linear'),
-    'weight_decay': (float, 2e-5),
-    'use_agc': (bool, True),
-    'cosine_end_lr': (float, 0.0),
+    'lr': float,
+    'lr_scaling': str,
+    'weight_decay': float,
+    'use_agc': bool,
+    'cosine_end_lr': float,
 }
 LR_SCALINGS = ('linear', 'none')
 BY_BATCH = 'by_batch'
@@ -102,9 +104,10 @@ def default_optim_config(family_placeholders: bool = False
       uses this. False: the NFNet values, for direct use of
       :func:`make_optimizer`.
   """
+  nfnet = recipes.RECIPES['nfnet']
   c = ml_collections.ConfigDict()
-  fam = lambda name: (config_dict.placeholder(FAMILY_FIELDS[name][0])
-                      if family_placeholders else FAMILY_FIELDS[name][1])
+  fam = lambda name: (config_dict.placeholder(FAMILY_FIELDS[name])
+                      if family_placeholders else getattr(nfnet, name))
   # Base learning rate. Peak lr = lr * batch / 256 when lr_scaling='linear'
   # (NFNets: 0.1 -> 1.6 at batch 4096), = lr when 'none' (NF-RegNets: 0.4).
   c.lr = fam('lr')
@@ -126,7 +129,7 @@ def default_optim_config(family_placeholders: bool = False
   c.use_agc = fam('use_agc')
   # AGC threshold lambda: a float (0.01, the release's value at every batch
   # size) or 'by_batch' (our extrapolated table by global batch size, see
-  # nfnets.optim.recipe: 0.08 at <= 512 ... 0.01 above 2048).
+  # nfnets.optim.optimizer: 0.08 at <= 512 ... 0.01 above 2048).
   c.agc_clipping = config_dict.FieldReference(0.01, field_type=object)
   # AGC's lower bound on parameter norms (lets zero-init params move).
   c.agc_eps = 1e-3
@@ -182,7 +185,7 @@ def training_steps(num_examples: int, batch_size: int, num_epochs: float,
                      f'{num_epochs}.')
   total = int(math.floor(num_examples * num_epochs / batch_size))
   if total < 1:
-    raise ValueError(
+    raise ConfigError(
         f'{num_epochs} epochs of {num_examples} examples at batch {batch_size} '
         'is less than one step; train longer or use a smaller batch.')
   return TrainingSteps(total, steps_per_epoch)
@@ -257,8 +260,8 @@ def _freeze_all_but_classifier(tx: optax.GradientTransformation,
   """Only the classifier (``regex``) is trained: the body gets zero updates
   and keeps no optimizer state."""
   if regex is None:
-    raise ValueError('freeze_body=True needs config.optim.classifier_regex '
-                     '(the classifier to train); it is None.')
+    raise ConfigError('freeze_body=True needs config.optim.classifier_regex '
+                      '(the classifier to train); it is None.')
 
   def labels(params):
     paths = tree_paths(params)
@@ -315,7 +318,7 @@ def make_optimizer(cfg: Optional[ml_collections.ConfigDict] = None,
   peak_lr = peak_learning_rate(cfg, batch_size)
   warmup_steps = float(cfg.warmup_epochs) * float(steps_per_epoch)
   if warmup_steps >= total_steps:
-    raise ValueError(
+    raise ConfigError(
         f'warmup ({warmup_steps:g} steps = optim.warmup_epochs '
         f'{cfg.warmup_epochs} x {steps_per_epoch:g} steps/epoch) must be '
         f'shorter than training ({total_steps} steps); lower '

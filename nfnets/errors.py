@@ -1,0 +1,26 @@
+"""The one error type for mistakes a user can fix (config, dataset, split,
+image folder, checkpoint, class count).
+
+`python -m nfnets.train` (and scripts/eval.py) catch `UserError` once and
+print it as one line, `error: ...`, exit status 2; with
+`--config.train.log_level=debug` the traceback is shown too. Anything else
+is a bug and keeps its traceback. A `UserError` is a `ValueError`, so code
+that caught ValueError keeps working.
+"""
+
+
+class UserError(ValueError):
+  """Bad input: the message says what is wrong and what to do."""
+
+
+class ConfigError(UserError):
+  """A config field has a value that cannot work (the message names it)."""
+
+
+class DataError(UserError):
+  """The dataset, image folder or split asked for does not exist or fit."""
+
+
+def one_line(error: BaseException) -> str:
+  """The message of `error` on one line (its lines joined)."""
+  return ' '.join(l.strip() for l in str(error).splitlines() if l.strip())

@@ -1,0 +1,101 @@
+"""Start-up mistakes through the real command line: one line on stderr,
+`error: ...`, exit status 2, and nothing compiled (each run gets an empty
+persistent XLA cache, which any compilation would write to)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import test_images
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(tmp_path, *args):
+  cache = tmp_path / 'xla_cache'
+  cache.mkdir()
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  run = subprocess.run(
+      [sys.executable, '-m', 'nfnets.train', *args], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=300)
+  return run, list(cache.iterdir())
+
+
+@pytest.fixture(scope='module')
+def train_only_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp('train_only')
+  test_images.write_folder(str(root))
+  os.rename(root / 'val', root / 'held_back')
+  return root
+
+
+DEMO = '--config=configs/demo.py'
+CASES = {
+    # case: (arguments, what the line must say)
+    'unknown_model': ([DEMO, '--config.model.name=F9'], "Unknown model 'F9'"),
+    'unknown_model_in_file': (['--config=configs/nfnet.py:F9'],
+                              "Unknown model 'F9'"),
+    'misspelt_field': ([DEMO, '--config.model.kwargs.widht=2'],
+                       "--config.model.kwargs.widht: no such config field. "
+                       "Did you mean 'width'?"),
+    'negative_batch': ([DEMO, '--config.train.batch_size=-4'],
+                       'config.train.batch_size: must be positive'),
+    'missing_image_folder': ([DEMO, '--config.data.name=folder',
+                              '--config.data.data_dir={tmp}/nowhere'],
+                             'has no train/ sub-folder'),
+    'wrong_class_count': ([DEMO, '--config.model.num_classes=7'],
+                          "'digits' has 10 classes"),
+    'unknown_tfds_name': ([DEMO, '--config.data.name=cifar_10'],
+                          "Unknown dataset 'cifar_10' (config.data.name). "
+                          "Did you mean 'cifar10'"),
+    'missing_split': ([DEMO, '--config.data.eval_split=valid'],
+                      "config.data.eval_split: Split 'valid' is not valid for "
+                      "digits"),
+    'only_train_split': ([DEMO, '--config.data.name=folder',
+                          '--config.data.data_dir={folder}'],
+                         "has only a train split: set "
+                         "config.data.train_split='train[:90%]'"),
+    'missing_checkpoint': ([DEMO, '--config.init.checkpoint={tmp}/F0.npz'],
+                           'F0.npz does not exist'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_startup_mistake_is_one_line_exit_2(case, tmp_path, train_only_folder):
+  args, expected = CASES[case]
+  args = [a.format(tmp=tmp_path, folder=train_only_folder) for a in args]
+  run, compiled = _run(tmp_path, *args, f'--workdir={tmp_path}/w')
+  out = (run.stdout + run.stderr).strip()
+  assert run.returncode == 2, out[-3000:]
+  assert out.splitlines() == [out] and out.startswith('error: '), out[-3000:]
+  assert expected in out, out
+  assert 'Traceback' not in out and not compiled, (out, compiled)
+  assert not (tmp_path / 'w').exists()
+
+
+def test_debug_log_level_shows_the_traceback(tmp_path):
+  run, _ = _run(tmp_path, DEMO, '--config.train.batch_size=-4',
+                '--config.train.log_level=debug', f'--workdir={tmp_path}/w')
+  assert run.returncode == 2
+  assert 'Traceback' in run.stderr and 'ConfigError' in run.stderr
+  assert run.stderr.strip().splitlines()[-1].startswith(
+      'error: config.train.batch_size')
+
+
+def test_dry_run_prints_the_resolved_config_and_model_size(tmp_path):
+  from nfnets import models  # pylint: disable=g-import-not-at-top
+  run, compiled = _run(tmp_path, DEMO, '--dry_run')
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = run.stdout
+  # The demo model (F0 at 1/8 width, depth 1 per stage) on the digits.
+  params = models.count_params('F0', 10, width=0.125, depth=(1, 1, 1, 1),
+                               group_size=16, drop_rate=0.1,
+                               stochdepth_rate=0.0)
+  assert f'{params / 1e6:.2f} M params' in out, out
+  assert "train 'train' (1,497 examples), eval 'test' (300 examples)" in out
+  assert 'train 32 px, eval 32 px, RandAugment off' in out and '10 classes' in out
+  assert 'eval_split: test' in out and 'num_classes: 10' in out
+  assert not compiled and not (tmp_path / 'w').exists()
