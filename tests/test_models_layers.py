@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import nfnets.models as M
 from nfnets.models import layers
 
 
@@ -166,3 +167,22 @@ def test_block_schedule_resets_after_transitions():
   assert [s.first_in_stage for s in slots] == [True, True, False, False]
   np.testing.assert_allclose([s.depth_fraction for s in slots],
                              [0, 0.25, 0.5, 0.75])
+
+
+def test_init_params_matches_default_compilation():
+  # models.init_params compiles the initialisers without XLA:CPU's backend
+  # optimisations; the params must be those of a default jit (same RNG
+  # stream, same shapes) up to float32 rounding.
+  def fn(x, is_training):
+    h = layers.WSConv2D(8, 3, name='conv')(x)
+    return layers.Linear(5, name='linear')(jnp.mean(h, axis=(1, 2)))
+  f = hk.transform(fn)
+  x = jnp.zeros((1, 6, 6, 3))
+  rng = jax.random.PRNGKey(7)
+  ours = M.init_params(f, rng, x)
+  ref = jax.jit(lambda r: f.init(r, x, True))(rng)
+  assert jax.tree.structure(ours) == jax.tree.structure(ref)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    assert isinstance(a, np.ndarray) and a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert np.std(ours['conv']['w']) > 0.1  # really initialised, not zeros

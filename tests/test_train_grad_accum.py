@@ -54,8 +54,7 @@ def _close(a, b, rtol=1e-5, atol=1e-7):
 def test_accumulating_k_micro_batches_equals_one_full_batch_step():
   fwd = M.forward_fn('F0', num_classes=5, **_TINY)
   images, labels = _data(16, 5, 16)
-  params = jax.device_get(jax.jit(lambda r: fwd.init(
-      r, jnp.asarray(images[:1]), True))(jax.random.PRNGKey(0)))
+  params = M.init_params(fwd, jax.random.PRNGKey(0), jnp.asarray(images[:1]))
   tx = _tx(16)
   full, m_full = _run(fwd, tx, params, images, labels, k=1)
   acc, m_acc = _run(fwd, tx, params, images, labels, k=4)
@@ -94,7 +93,7 @@ def test_agc_clips_the_accumulated_gradient_not_each_micro_batch():
   fwd = _toy()
   images, labels = _data(8, 3, 2, seed=3)
   images[:4] *= 50.0  # the first micro-batch has a much larger gradient
-  params = jax.device_get(fwd.init(jax.random.PRNGKey(0), images[:1], True))
+  params = M.init_params(fwd, jax.random.PRNGKey(0), images[:1])
   tx = _tx(8, clipping=0.01)  # AGC on 'toy/~/fc', not the classifier
   out, _ = _run(fwd, tx, params, images, labels, k=2, steps=1)
 
@@ -123,7 +122,7 @@ def test_agc_clips_the_accumulated_gradient_not_each_micro_batch():
 def test_batch_not_divisible_by_k_is_a_clear_error():
   fwd = _toy()
   images, labels = _data(6, 3, 2)
-  params = jax.device_get(fwd.init(jax.random.PRNGKey(0), images[:1], True))
+  params = M.init_params(fwd, jax.random.PRNGKey(0), images[:1])
   with pytest.raises(ValueError, match=r'\(6 examples\) is not divisible by '
                      r'grad_accum_steps=4'):
     _run(fwd, _tx(6), params, images, labels, k=4, steps=1)

@@ -22,8 +22,7 @@ def _cached_setup(batch, classes):
   rng = np.random.RandomState(0)
   images = rng.randn(batch, 16, 16, 3).astype(np.float32)
   labels = np.eye(classes, dtype=np.float32)[rng.randint(0, classes, batch)]
-  params = jax.device_get(jax.jit(lambda k: fwd.init(
-      k, jnp.asarray(images[:1]), True))(jax.random.PRNGKey(0)))
+  params = M.init_params(fwd, jax.random.PRNGKey(0), jnp.asarray(images[:1]))
   # Non-zero skip gains so that every layer gets a gradient.
   params = jax.tree_util.tree_map_with_path(
       lambda p, v: v + 0.3 if 'skip_gain' in jax.tree_util.keystr(p) else v,
@@ -104,7 +103,7 @@ def _nan_grad_forward():
 def test_step_with_finite_loss_but_nan_gradient_is_skipped():
   fwd = _nan_grad_forward()
   _, _, _, images, labels = _setup()
-  params = fwd.init(jax.random.PRNGKey(0), jnp.asarray(images[:1]), True)
+  params = M.init_params(fwd, jax.random.PRNGKey(0), jnp.asarray(images[:1]))
   cfg = optim.default_optim_config()
   cfg.classifier_regex = None  # no classifier to exclude from AGC here
   tx = optim.make_optimizer(cfg, batch_size=16, steps_per_epoch=10,

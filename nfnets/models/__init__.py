@@ -18,6 +18,6 @@ from nfnets.models.nf_resnet_timm import TimmNFResNet
 from nfnets.models.nfnet import NFBlock, NFNet
 from nfnets.models.nfnet_l import NFNetL
 from nfnets.models.registry import (build, count_params, feature_info,
-                                    forward_fn, get_variant, param_shapes,
-                                    variants)
+                                    forward_fn, get_variant, init_params,
+                                    param_shapes, variants)
 from nfnets.models.variants import VARIANTS, VariantSpec

@@ -91,6 +91,24 @@ def feature_info(name: str, **overrides) -> Dict[str, FeatureInfo]:
       {}, None)
 
 
+def init_params(forward: hk.Transformed, rng: jax.Array, images: jax.Array,
+                is_training: bool = True) -> Dict[str, Dict[str, np.ndarray]]:
+  """forward.init(rng, images, is_training), jitted, as host numpy.
+
+  On XLA:CPU the initialisers (one RNG per parameter) are compiled without
+  the backend's optimisations: they run once, and optimising them took most
+  of a small model's compile time (docs/benchmarking.md). Values agree with
+  a default compilation to float32 rounding (~1e-7).
+  """
+  lowered = jax.jit(lambda r, x: forward.init(r, x, is_training)).lower(
+      rng, images)
+  options = None
+  if jax.default_backend() == 'cpu':
+    options = {'xla_backend_optimization_level': 0,
+               'xla_llvm_disable_expensive_passes': True}
+  return jax.device_get(lowered.compile(options)(rng, images))
+
+
 def param_shapes(name: str, num_classes: int = 1000, image_size: int = 32,
                  **overrides) -> Dict[str, Dict[str, jax.ShapeDtypeStruct]]:
   """The parameter tree's shapes, without materialising any weights."""

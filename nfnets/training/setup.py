@@ -117,7 +117,7 @@ def init_params(config, forward: hk.Transformed, rng: jax.Array):
   (nfnets.checkpoints.init_from_checkpoint: the one fine-tuning path)."""
   size = config.data.image_size
   dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-  params = jax.device_get(jax.jit(lambda r: forward.init(r, dummy, True))(rng))
+  params = models.init_params(forward, rng, dummy)
   if config.init.checkpoint:
     from nfnets import checkpoints  # pylint: disable=g-import-not-at-top
     params = checkpoints.init_from_checkpoint(
