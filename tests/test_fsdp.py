@@ -12,17 +12,24 @@ import nfnets.models as M
 from nfnets import optim
 from nfnets.training import fsdp
 from nfnets.training import parallel
+from nfnets.training import parallel_jit
 from nfnets.training import state as state_lib
 from nfnets.training import step as step_lib
 
 _CLASSES, _BATCH, _SIZE, _STEPS = 16, 16, 16, 3
 # Stochastic depth and dropout on: per-device rngs must match the replicated
-# step's; width 0.125 gives kernels with >= 2**14 elements (sharded).
-_TINY = dict(width=0.125, depth=(1, 1, 1, 1), group_size=8, drop_rate=0.2,
+# step's.
+_TINY = dict(width=0.0625, depth=(1, 1, 1, 1), group_size=8, drop_rate=0.2,
              stochdepth_rate=0.1)
 
 
-def _dp(fsdp_on):
+def _dp(fsdp_on, min_shard_size=256):
+  """The 'jit' backend; a tiny model's kernels are sharded from 256
+  elements (the default, fsdp.MIN_SHARD_SIZE, would replicate most)."""
+  return parallel_jit.Jit(fsdp=fsdp_on, min_shard_size=min_shard_size)
+
+
+def _dp_config(fsdp_on):
   return parallel.make(ml_collections.ConfigDict(
       dict(backend='jit', fsdp=fsdp_on)))
 
@@ -153,6 +160,31 @@ def test_fsdp_halves_the_step_peak_memory():
   fwd = M.forward_fn('F0', num_classes=1000, depth=(1, 1, 1, 1))
   tx, _ = optim.make_optimizer(None, batch_size=8, steps_per_epoch=10,
                                total_steps=100)
-  replicated = _peak_bytes(_dp(False), fwd, tx, 8, 64)
-  sharded = _peak_bytes(_dp(True), fwd, tx, 8, 64)
+  replicated = _peak_bytes(_dp_config(False), fwd, tx, 8, 64)
+  sharded = _peak_bytes(_dp_config(True), fwd, tx, 8, 64)
   assert sharded <= 0.5 * replicated, (sharded, replicated)
+
+
+def test_gather_with_all_reduce_transpose_matches_reduce_scatter():
+  """The multi-process CPU gather (transpose = all-reduce + slice, avoiding
+  gloo's reduce-scatter) has the same gradient as the plain all_gather."""
+  dp = _dp(True)
+  n = len(dp.devices)
+  x = np.random.RandomState(0).randn(3, 2 * n).astype(np.float32)
+  w = np.random.RandomState(1).randn(n, 3, 2 * n).astype(np.float32)
+
+  def grads(gather):
+    def per_device(x_shard, w_dev):
+      loss = lambda v: jnp.sum(jnp.sin(gather(v)) * w_dev[0])
+      return jax.grad(loss)(x_shard)
+    spec = P(None, parallel.AXIS)
+    return jax.jit(jax.shard_map(
+        per_device, mesh=dp.mesh, in_specs=(spec, P(parallel.AXIS)),
+        out_specs=spec, check_vma=False))(x, w)
+
+  got = grads(fsdp._gather_last_psum_bwd)  # pylint: disable=protected-access
+  want = grads(fsdp._all_gather_last)  # pylint: disable=protected-access
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # And both are the gradient of the global loss: sum over devices.
+  np.testing.assert_allclose(
+      want, np.cos(x) * w.sum(0), rtol=1e-5, atol=1e-5)

@@ -92,8 +92,38 @@ def current() -> Optional[Layout]:
   return _LAYOUT.get()
 
 
-def _gather_last(x: jax.Array) -> jax.Array:
+def _all_gather_last(x: jax.Array) -> jax.Array:
   return jax.lax.all_gather(x, AXIS, axis=x.ndim - 1, tiled=True)
+
+
+@jax.custom_vjp
+def _gather_last_psum_bwd(x: jax.Array) -> jax.Array:
+  return _all_gather_last(x)
+
+
+def _gather_fwd(x):
+  return _all_gather_last(x), None
+
+
+def _gather_bwd(_, g):
+  c = g.shape[-1] // jax.lax.axis_size(AXIS)
+  full = jax.lax.psum(g, AXIS)
+  start = jax.lax.axis_index(AXIS) * c
+  return (jax.lax.dynamic_slice_in_dim(full, start, c, axis=g.ndim - 1),)
+
+
+_gather_last_psum_bwd.defvjp(_gather_fwd, _gather_bwd)
+
+
+def _gather_last(x: jax.Array) -> jax.Array:
+  """All-gathers the last axis; its transpose reduce-scatters. On CPU with
+  several processes (gloo collectives) the transpose is an all-reduce and a
+  slice instead: gloo's reduce-scatter times out after 30 s whatever the
+  configured timeout and can return wrong values for large chunks
+  (jax-ml/jax#40831, #40830)."""
+  if jax.default_backend() == 'cpu' and jax.process_count() > 1:
+    return _gather_last_psum_bwd(x)
+  return _all_gather_last(x)
 
 
 class _Gatherer:
