@@ -97,10 +97,9 @@ def _resume_from_copy(src, step, dst, extra):
 
 def test_checkpoints_resume_across_backends(uninterrupted, tmp_path):
   """A pmap checkpoint resumed under jit + FSDP (and the reverse) ends where
-  the uninterrupted runs end, params, EMA and optimizer state. Measured on
-  XLA:CPU (8 fake devices): bit-identical, all four comparisons, and the two
-  uninterrupted runs too; the tolerance allows for backends that reduce the
-  gradients over the devices in a different order (float32 round-off)."""
+  the uninterrupted runs end, params, EMA and optimizer state, to float32
+  round-off (the backends reduce gradients over the devices differently:
+  all-reduce vs reduce-scatter)."""
   pmap_end = _state(uninterrupted['pmap'])
   fsdp_end = _state(uninterrupted['fsdp'])
   assert int(pmap_end['step']) == int(fsdp_end['step']) == TOTAL
