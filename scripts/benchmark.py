@@ -14,6 +14,8 @@ and reports:
   python scripts/benchmark.py --model F0 --batch_size 256 --dtype bf16   # GPU
   python scripts/benchmark.py --model F7 --image_size 608 --devices 8 \
       --batch_size 8 --backend jit --fsdp --compile_only   # memory only
+  (--fsdp --compile_only also compiles the replicated step and reports the
+  ratio of the two per-device peaks)
 
 Definitions
   * fwd FLOPs/image = 2 x the forward multiply-adds of every conv and dense
@@ -246,6 +248,47 @@ def memory_report(compiled, device):
   return est, 'xla_memory_analysis', details
 
 
+def compile_only_report(args, compiled, state, compile_s, state_bytes,
+                        image_size, per_device_batch, n_params):
+  """The --compile_only result: XLA's per-device peak (arguments + outputs +
+  temporaries - aliased) and, with --fsdp, the replicated step's peak
+  (compiled the same way), their ratio and the state bytes FSDP leaves
+  replicated (leaves it cannot shard on their unit axis)."""
+  import jax
+  from nfnets.training import fsdp as fsdp_lib
+  device = jax.local_devices()[0]
+  peak, _, mem_details = memory_report(compiled, device)
+  res = {'model': args.model, 'batch_size': args.batch_size,
+         'per_device_batch': per_device_batch, 'devices': args.devices,
+         'image_size': image_size, 'dtype': args.dtype,
+         'parallel_backend': args.backend, 'fsdp': args.fsdp,
+         'compile_s': round(compile_s, 3),
+         'state_bytes_per_device': state_bytes, 'memory': mem_details,
+         'peak_bytes_per_device': peak,
+         'params': n_params, 'jax_version': jax.__version__,
+         'load_avg_1m': round(os.getloadavg()[0], 2)}
+  if args.fsdp:
+    specs = jax.tree.map(lambda x: x.sharding.spec, state)
+    res['state_bytes_replicated_under_fsdp'] = fsdp_lib.replicated_bytes(
+        state, specs)
+    replicated = argparse.Namespace(**dict(vars(args), fsdp=False))
+    rep_run, _, rep_step, rep_state, rep_batch = build_step(replicated,
+                                                            image_size)
+    t0 = time.perf_counter()
+    rep_compiled = rep_step.lower(rep_state, rep_batch, rep_run.rng).compile()
+    rep_peak, _, rep_details = memory_report(rep_compiled, device)
+    res['replicated'] = {'peak_bytes_per_device': rep_peak,
+                         'memory': rep_details,
+                         'compile_s': round(time.perf_counter() - t0, 3)}
+    res['peak_ratio_fsdp_over_replicated'] = round(peak / rep_peak, 4)
+  print(f"peak / device: {_fmt_bytes(peak)}" + (
+      f"; replicated {_fmt_bytes(res['replicated']['peak_bytes_per_device'])}"
+      f"; ratio {res['peak_ratio_fsdp_over_replicated']:.3f}; state left "
+      f"replicated {_fmt_bytes(res['state_bytes_replicated_under_fsdp'])}"
+      if args.fsdp else ''), file=sys.stderr, flush=True)
+  return res
+
+
 def profile_ops(run_fn, state, out_file=None, top=25):
   """Traces run_fn(state) with jax.profiler; returns (state, top ops).
 
@@ -371,14 +414,8 @@ def main(argv=None):
                                          sharding=x.sharding), state))
   device = jax.local_devices()[0]
   if args.compile_only:
-    _, _, mem_details = memory_report(compiled, device)
-    res = {'model': args.model, 'batch_size': args.batch_size,
-           'per_device_batch': per_device_batch, 'devices': args.devices,
-           'image_size': image_size, 'dtype': args.dtype,
-           'parallel_backend': args.backend, 'fsdp': args.fsdp,
-           'compile_s': round(compile_s, 3),
-           'state_bytes_per_device': state_bytes, 'memory': mem_details,
-           'params': n_params, 'jax_version': jax.__version__}
+    res = compile_only_report(args, compiled, state, compile_s, state_bytes,
+                              image_size, per_device_batch, n_params)
     print(json.dumps(res), flush=True)
     if args.json_out:
       with open(args.json_out, 'a') as f:

@@ -1,4 +1,4 @@
-"""One process of a multi-process CPU training run (used by test_train_loop).
+"""One process of a multi-process CPU training run (test_train_scale).
 
   python tests/multihost_worker.py WORKDIR NUM_PROCESSES PROCESS_ID PORT DEVICES [EMULATE [BACKEND]]
 
@@ -11,9 +11,13 @@ the devices of all processes).
 import os
 import sys
 
+# The device count comes from DEVICES; collectives wait generously (a
+# process of a loaded machine can reach a collective long after its peer).
 os.environ['XLA_FLAGS'] = ' '.join(
-    f for f in os.environ.get('XLA_FLAGS', '').split()
-    if 'device_count' not in f)
+    [f for f in os.environ.get('XLA_FLAGS', '').split()
+     if 'device_count' not in f and 'collective' not in f] +
+    ['--xla_cpu_collective_timeout_seconds=300',
+     '--xla_cpu_collective_call_terminate_timeout_seconds=300'])
 
 import jax  # noqa: E402
 
@@ -50,10 +54,16 @@ def main():
   config.parallel.backend = 'pmap' if backend == 'pmap' else 'jit'
   config.parallel.fsdp = backend == 'fsdp'
   if int(nproc) > 1:
-    config.distributed.initialize = 'always'
-    config.distributed.coordinator_address = f'127.0.0.1:{port}'
-    config.distributed.num_processes = int(nproc)
-    config.distributed.process_id = int(pid)
+    # Initialised here with generous timeouts (a slow process start), then
+    # one tiny collective while the processes are in step (initialize
+    # returns when all have connected): gloo's connections are made before
+    # the first training step, whose compilation time differs per process.
+    jax.distributed.initialize(f'127.0.0.1:{port}', int(nproc), int(pid),
+                               initialization_timeout=600,
+                               heartbeat_timeout_seconds=300)
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('multihost_worker_start')
+    config.distributed.initialize = 'never'
   config.lock()
   from nfnets.training.loop import train_and_evaluate
   results = train_and_evaluate(config, workdir)

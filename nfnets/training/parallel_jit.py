@@ -6,17 +6,14 @@ one global array [global_batch, ...] split over AXIS
 (jax.make_array_from_process_local_data: no host-side reshape).
 
 FSDP (fsdp=True): params, optimizer state and EMA are stored sharded over the
-mesh (each leaf on its largest axis divisible by the device count; leaves
-smaller than `min_shard_size` elements or without such an axis replicated).
-The step itself is unchanged: shard_map sees the state replicated (in_specs
-P()), so XLA all-gathers the sharded leaves at the start of the step and
-keeps only each device's slice of the updated state. Every device computes
-the same update as in the replicated run, so AGC, weight-decay masks, EMA and
-the non-finite skip behave identically; what FSDP saves is the memory the
-state occupies between steps (1/devices of it per device), not the memory of
-the step's temporaries, which still hold one gathered copy.
+mesh on their unit axis (nfnets.training.fsdp.unit_axis_spec), and the step
+runs on the shards: shard_map's in/out specs are the state's own shardings,
+and the per-device step, traced under an fsdp.layout, gathers each layer's
+weights where the layer runs and gets back reduce-scattered (sharded)
+gradients. Optimizer, AGC (unit-wise norms are local to a shard) and EMA then
+work on each device's shard; global norms and the non-finite check sum the
+shards (fsdp.fsdp_tree_sum). The eval step gathers per layer the same way.
 """
-import math
 from typing import Any, Callable
 
 import jax
@@ -24,7 +21,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from nfnets.training.parallel import AXIS, DataParallel
+from nfnets.training import fsdp as fsdp_lib
+from nfnets.training.parallel_base import AXIS, DataParallel
 
 
 class Jit(DataParallel):
@@ -32,12 +30,13 @@ class Jit(DataParallel):
 
   Args:
     devices: the mesh's devices; default all devices of all hosts.
-    fsdp: store the state sharded over the mesh (see module doc).
+    fsdp: store the state sharded over the mesh and run the step on the
+      shards (see module doc).
     min_shard_size: leaves with fewer elements stay replicated under FSDP.
   """
 
   def __init__(self, devices=None, fsdp: bool = False,
-               min_shard_size: int = 2 ** 14):
+               min_shard_size: int = fsdp_lib.MIN_SHARD_SIZE):
     self.devices = list(devices) if devices is not None else jax.devices()
     self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
     self.fsdp = fsdp
@@ -45,19 +44,19 @@ class Jit(DataParallel):
     self._batch_sharding = NamedSharding(self.mesh, P(AXIS))
 
   def spec(self, shape) -> P:
-    """Where a state leaf of this shape lives: P() or AXIS on one axis."""
-    n = len(self.devices)
-    if not self.fsdp or n == 1 or math.prod(shape) < self.min_shard_size:
+    """Where a state leaf of this (global) shape lives: P(), or AXIS on its
+    last axis (fsdp.unit_axis_spec)."""
+    if not self.fsdp:
       return P()
-    axes = [i for i, d in enumerate(shape) if d % n == 0]
-    if not axes:
-      return P()
-    axis = max(axes, key=lambda i: shape[i])  # the first of the largest
-    return P(*([None] * axis + [AXIS]))
+    return fsdp_lib.unit_axis_spec(shape, len(self.devices),
+                                   self.min_shard_size)
+
+  def specs(self, tree: Any) -> Any:
+    return jax.tree.map(lambda x: self.spec(np.shape(x)), tree)
 
   def shardings(self, tree: Any) -> Any:
-    return jax.tree.map(
-        lambda x: NamedSharding(self.mesh, self.spec(np.shape(x))), tree)
+    return jax.tree.map(lambda s: NamedSharding(self.mesh, s),
+                        self.specs(tree))
 
   def put_state(self, tree):
     def put(x, sharding):
@@ -87,24 +86,38 @@ class Jit(DataParallel):
         (x.shape[0] * hosts,) + tuple(x.shape[1:]), x.dtype,
         sharding=self._batch_sharding), tree)
 
-  def train_step(self, fn: Callable) -> Callable:
-    # check_vma=False: the state enters replicated (P()) and the gradient is
-    # taken per device and pmean'd by the step itself, exactly as under pmap
-    # (with check_vma=True, jax.grad would psum it over AXIS first).
-    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS), P()),
-                           out_specs=(P(), P()), check_vma=False)
+  def _in_layout(self, fn: Callable, param_specs: Any) -> Callable:
+    """fn, traced with the params laid out by `param_specs` (FSDP)."""
+    if not self.fsdp:
+      return fn
 
+    def wrapped(*args):
+      with fsdp_lib.layout(param_specs):
+        return fn(*args)
+    return wrapped
+
+  def train_step(self, fn: Callable) -> Callable:
+    # check_vma=False: the gradient is taken per device and reduced by the
+    # step itself, exactly as under pmap (with check_vma=True, jax.grad would
+    # psum the replicated leaves' gradients over AXIS first).
     def step(state, batch, rng):
-      state, metrics = mapped(state, batch, rng)
-      # Keep the stored layout (sharded under FSDP): XLA slices the update.
-      return jax.lax.with_sharding_constraint(state, self.shardings(state)), \
-          metrics
+      specs = self.specs(state)
+      mapped = jax.shard_map(
+          self._in_layout(fn, specs.params), mesh=self.mesh,
+          in_specs=(specs, P(AXIS), P()), out_specs=(specs, P()),
+          check_vma=False)
+      return mapped(state, batch, rng)
     return jax.jit(step, donate_argnums=(0,))
 
   def eval_step(self, fn: Callable) -> Callable:
-    return jax.jit(jax.shard_map(
-        lambda p, b: jax.lax.psum(fn(p, b), AXIS), mesh=self.mesh,
-        in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False))
+    def step(params, batch):
+      specs = self.specs(params)
+      per_device = self._in_layout(fn, specs)
+      return jax.shard_map(
+          lambda p, b: jax.lax.psum(per_device(p, b), AXIS), mesh=self.mesh,
+          in_specs=(specs, P(AXIS)), out_specs=P(), check_vma=False)(
+              params, batch)
+    return jax.jit(step)
 
   def state_for_checkpoint(self, state):
     return state  # global (possibly sharded) arrays

@@ -11,17 +11,67 @@ import jax.numpy as jnp
 import optax
 
 from nfnets import optim
-from nfnets.training.parallel import AXIS
+from nfnets.training import fsdp
+from nfnets.training.parallel_base import AXIS
 from nfnets.training.state import TrainState
 
 
 def _device_mean(tree):
-  """pmean over the device axis; the identity on one device, where XLA:CPU
-  would still copy every gradient through a one-replica all-reduce (~15 ms
-  of CPU per F0 step)."""
+  """pmean over the device axis; the identity on one device (XLA:CPU would
+  still copy every gradient through a one-replica all-reduce)."""
   if jax.lax.axis_size(AXIS) == 1:
     return tree
   return jax.lax.pmean(tree, AXIS)
+
+
+def _param_specs():
+  """The params' layout under FSDP (nfnets.training.fsdp), None otherwise."""
+  lay = fsdp.current()
+  return None if lay is None else lay.param_specs
+
+
+def _grad_mean(grads):
+  """Gradients averaged over devices, whichever the params' layout."""
+  specs = _param_specs()
+  return _device_mean(grads) if specs is None else fsdp.device_mean(
+      grads, specs)
+
+
+def _squared_norm(tree):
+  """Squared global norm; under FSDP shards are summed over the mesh."""
+  specs = _param_specs()
+  if specs is None:
+    return optax.tree.norm(tree, squared=True)
+  return fsdp.squared_norm(tree, specs)
+
+
+def _agc_totals(opt_state):
+  """Under FSDP, AGC's per-leaf statistics (optim.AGCState) count this
+  device's shard of each sharded kernel: total them over the mesh
+  (replicated leaves once), so that the stored state and the agc/* metrics
+  are those of the replicated step. The identity otherwise."""
+  specs = _param_specs()
+  if specs is None:
+    return opt_state
+  is_agc = lambda x: isinstance(x, optim.AGCState)
+  return jax.tree.map(
+      lambda x: optim.AGCState(*(fsdp.fsdp_leaf_sum(t, specs) for t in x))
+      if is_agc(x) else x, opt_state, is_leaf=is_agc)
+
+
+def _sam_gradients(loss_fn, params, rho, *args):
+  """optim.sam_gradients, for sharded params too: the ascent gradient is
+  averaged and normalised over the whole mesh (fsdp reductions)."""
+  if _param_specs() is None:
+    return optim.sam_gradients(loss_fn, params, rho, *args, axis_name=AXIS,
+                               has_aux=True)
+  vg = jax.value_and_grad(loss_fn, has_aux=True)
+  out, g = vg(params, *args)
+  g = _grad_mean(g)
+  scale = rho / jnp.maximum(jnp.sqrt(_squared_norm(g)), 1e-12)
+  perturbed = jax.tree.map(lambda p, d: p + (d * scale).astype(p.dtype),
+                           params, g)
+  return out, vg(perturbed, *args)[1]
 
 
 def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
@@ -61,8 +111,11 @@ def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
   'param_norm' is the norm of the updated params (computed from the
   update's outputs, so the old params' buffers can be reused in place).
   """
+  # Under FSDP (nfnets.training.fsdp), gathers each layer's weights there.
+  apply = fsdp.apply(forward)
+
   def loss_fn(params, images, labels, rng):
-    logits = forward.apply(params, rng, images, True)['logits']
+    logits = apply(params, rng, images, True)['logits']
     loss = jnp.mean(optax.softmax_cross_entropy(logits, labels))
     return loss, logits
 
@@ -74,9 +127,8 @@ def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
   def micro_step(params, images, labels, rng):
     """(loss, top1, grads) of one (micro-)batch on this device."""
     if sam_rho > 0:
-      (loss, logits), grads = optim.sam_gradients(
-          loss_fn, params, sam_rho, images, labels, rng,
-          axis_name=AXIS, has_aux=True)
+      (loss, logits), grads = _sam_gradients(
+          loss_fn, params, sam_rho, images, labels, rng)
     else:
       (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
           params, images, labels, rng)
@@ -120,13 +172,14 @@ def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
       loss, top1, grads = micro_step(state.params, images, labels, rng)
     else:
       loss, top1, grads = accumulate(state.params, images, labels, rng)
-    grads = _device_mean(grads)
+    grads = _grad_mean(grads)
     loss = _device_mean(loss)
-    grad_sq = optax.tree.norm(grads, squared=True)
+    grad_sq = _squared_norm(grads)
     finite = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_sq))
 
     def apply(_):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      opt_state = _agc_totals(opt_state)
       params = optax.apply_updates(state.params, updates)
       ema_params = (optim.ema_update(state.ema_params, params, state.step,
                                      ema_decay) if ema_decay > 0 else params)
@@ -135,8 +188,8 @@ def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
     def skip(_):
       return state.params, state.opt_state, state.ema_params
 
-    # `finite` is identical on every device (it is computed from pmean'd
-    # values), so all devices take the same branch.
+    # `finite` is identical on every device (it is computed from pmean'd /
+    # psum'd values), so all devices take the same branch.
     params, opt_state, ema_params = jax.lax.cond(finite, apply, skip, None)
     new_state = TrainState(
         params=params, opt_state=opt_state, ema_params=ema_params,
@@ -146,7 +199,8 @@ def make_train_step(forward: hk.Transformed, tx: optax.GradientTransformation,
         'loss': loss,
         'top1': _device_mean(top1),
         'grad_norm': jnp.sqrt(grad_sq),
-        'param_norm': optax.tree.norm(params),
+        'param_norm': (optax.tree.norm(params) if _param_specs() is None
+                       else jnp.sqrt(_squared_norm(params))),
         'skipped': 1.0 - finite.astype(jnp.float32),
     }
     if agc_stats and optim.agc_states(opt_state):
@@ -164,8 +218,10 @@ def make_eval_step(forward: hk.Transformed, compute_dtype=jnp.float32
   Sums: top1 and top5 correct, loss (cross-entropy) and count, all masked;
   the caller reduces over devices/hosts and divides by the total count.
   """
+  apply = fsdp.apply(forward)
+
   def eval_step(params, batch):
-    logits = forward.apply(params, None,
+    logits = apply(params, None,
                            batch['images'].astype(compute_dtype), False)
     logits = logits['logits'].astype(jnp.float32)
     labels = batch['labels'].astype(jnp.int32)

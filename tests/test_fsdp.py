@@ -1,0 +1,191 @@
+"""FSDP on the shards (nfnets.training.fsdp, the 'jit' backend with
+fsdp=True) against the replicated 'jit' step, 8 fake CPU devices."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+import nfnets.models as M
+from nfnets import optim
+from nfnets.training import fsdp
+from nfnets.training import parallel
+from nfnets.training import parallel_jit
+from nfnets.training import state as state_lib
+from nfnets.training import step as step_lib
+
+_CLASSES, _BATCH, _SIZE, _STEPS = 16, 16, 16, 3
+# Stochastic depth and dropout on: per-device rngs must match the replicated
+# step's.
+_TINY = dict(width=0.0625, depth=(1, 1, 1, 1), group_size=8, drop_rate=0.2,
+             stochdepth_rate=0.1)
+
+
+def _dp(fsdp_on, min_shard_size=256):
+  """The 'jit' backend; a tiny model's kernels are sharded from 256
+  elements (the default, fsdp.MIN_SHARD_SIZE, would replicate most)."""
+  return parallel_jit.Jit(fsdp=fsdp_on, min_shard_size=min_shard_size)
+
+
+def _dp_config(fsdp_on):
+  return parallel.make(ml_collections.ConfigDict(
+      dict(backend='jit', fsdp=fsdp_on)))
+
+
+@functools.lru_cache(maxsize=None)
+def _setup():
+  fwd = M.forward_fn('F0', num_classes=_CLASSES, **_TINY)
+  rng = np.random.RandomState(0)
+  images = rng.randn(_STEPS, _BATCH, _SIZE, _SIZE, 3).astype(np.float32)
+  labels = np.eye(_CLASSES, dtype=np.float32)[
+      rng.randint(0, _CLASSES, (_STEPS, _BATCH))]
+  params = M.init_params(fwd, jax.random.PRNGKey(0),
+                         jnp.asarray(images[0, :1]))
+  cfg = optim.default_optim_config()  # AGC, weight decay, Nesterov momentum
+  cfg.warmup_epochs = 0.0
+  cfg.ema_decay = 0.9  # an EMA that visibly moves in 3 steps
+  cfg.agc_clipping = 0.005  # small enough that AGC clips some units
+  tx, _ = optim.make_optimizer(cfg, batch_size=_BATCH, steps_per_epoch=10,
+                               total_steps=100)
+  train = step_lib.make_train_step(fwd, tx, ema_decay=cfg.ema_decay,
+                                   grad_accum_steps=2, agc_stats=True)
+  return fwd, tx, params, images, labels, train
+
+
+@functools.lru_cache(maxsize=None)
+def _run(fsdp_on):
+  """3 steps; (host state, metrics per step, the device state's specs)."""
+  _, tx, params, images, labels, train = _setup()
+  dp = _dp(fsdp_on)
+  state = dp.put_state(state_lib.create(params, tx))
+  step = dp.train_step(train)
+  rng = np.asarray(jax.random.PRNGKey(1))
+  metrics = []
+  for i in range(_STEPS):
+    state, m = step(state, dp.put_batch_now(
+        {'images': images[i], 'labels': labels[i]}), rng)
+    metrics.append(dp.fetch(m))
+  specs = jax.tree.map(lambda x: x.sharding.spec, state)
+  return dp.get_state(state), metrics, specs
+
+
+def test_fsdp_step_equals_replicated_step():
+  """Stochastic depth, dropout, AGC, EMA, accumulation k=2: after 3 steps
+  the same params, momentum, EMA and metrics (rtol 1e-5)."""
+  ref, ref_metrics, _ = _run(False)
+  got, metrics, specs = _run(True)
+  params = _setup()[2]
+  assert int(got.step) == _STEPS and int(got.nonfinite) == 0
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), ref.ema_params,
+                       params)
+  assert max(jax.tree.leaves(moved)) > 1e-3  # the EMA did move
+  for a, b in ((got.params, ref.params), (got.ema_params, ref.ema_params),
+               (got.opt_state, ref.opt_state)):
+    # atol: momentum of near-zero gradients (fresh biases).
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(
+        x, y, rtol=1e-5, atol=1e-7), a, b)
+  for m, r in zip(metrics, ref_metrics):
+    assert m.keys() == r.keys()
+    assert 0 < m['agc/clipped_frac'] < 1  # totals over shards, as replicated
+    for k in r:
+      np.testing.assert_allclose(m[k], r[k], rtol=1e-5, err_msg=k)
+  # The stored layout: kernels sharded on their last (unit) axis, gains,
+  # biases and skip_gains replicated.
+  flat = jax.tree_util.tree_leaves_with_path(
+      specs.params, is_leaf=lambda x: isinstance(x, P))
+  sharded = {jax.tree_util.keystr(k) for k, s in flat if fsdp.is_sharded(s)}
+  assert any("'w'" in k for k in sharded), sharded
+  for path, spec in flat:
+    if fsdp.is_sharded(spec):
+      assert tuple(spec)[-1] == parallel.AXIS and len(spec) >= 2, path
+
+
+def test_unit_axis_spec():
+  spec = functools.partial(fsdp.unit_axis_spec, num_devices=8)
+  assert spec((3, 3, 64, 128)) == P(None, None, None, 'batch')
+  assert spec((2048, 1000)) == P(None, 'batch')  # the output axis
+  assert spec((2048, 1001)) == P()  # indivisible output axis: replicated
+  assert spec((65536,)) == P()  # gains, biases: whole-tensor AGC units
+  assert spec((3, 3, 8, 16)) == P()  # small
+  assert fsdp.unit_axis_spec((3, 3, 64, 128), 1) == P()
+
+
+def test_fsdp_tree_sum_counts_replicated_leaves_once():
+  """Per-device partial sums of sharded leaves are summed over the mesh;
+  replicated leaves' values are taken once."""
+  dp = _dp(True)
+  n = len(dp.devices)
+  specs = {'a': P(None, parallel.AXIS), 'b': P()}
+  a = np.arange(4 * 8 * n, dtype=np.float32).reshape(4, 8 * n)
+  b = np.arange(6, dtype=np.float32) - 2.5
+
+  def per_device(a_shard, b_full):
+    sq = {'a': jnp.sum(a_shard ** 2), 'b': jnp.sum(b_full ** 2)}
+    leaf = fsdp.fsdp_leaf_sum(sq, specs)
+    return fsdp.fsdp_tree_sum(sq, specs), leaf['a'], leaf['b']
+
+  total, leaf_a, leaf_b = jax.jit(jax.shard_map(
+      per_device, mesh=dp.mesh, in_specs=(specs['a'], specs['b']),
+      out_specs=(P(), P(), P()), check_vma=False))(a, b)
+  np.testing.assert_allclose(leaf_a, (a ** 2).sum(), rtol=1e-6)
+  np.testing.assert_allclose(leaf_b, (b ** 2).sum(), rtol=1e-6)
+  np.testing.assert_allclose(total, (a ** 2).sum() + (b ** 2).sum(),
+                             rtol=1e-6)
+
+
+def _peak_bytes(dp, fwd, tx, batch, size):
+  """XLA's per-device peak of the compiled train step: arguments + outputs
+  + temporaries - aliased (donated) bytes."""
+  train = step_lib.make_train_step(fwd, tx, ema_decay=0.999)
+  state = jax.eval_shape(lambda r, x: state_lib.create(fwd.init(r, x, True),
+                                                       tx),
+                         jax.random.PRNGKey(0),
+                         jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  host_batch = {
+      'images': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+      'labels': jax.ShapeDtypeStruct((batch, 1000), jnp.float32)}
+  ma = dp.train_step(train).lower(
+      dp.abstract_state(state), dp.abstract_batch(host_batch),
+      jax.ShapeDtypeStruct((2,), jnp.uint32)).compile().memory_analysis()
+  return (ma.argument_size_in_bytes + ma.output_size_in_bytes +
+          ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+
+
+def test_fsdp_halves_the_step_peak_memory():
+  """F0 with one block per stage at 64 px, batch 1 per device, compile only:
+  the FSDP step's per-device peak is at most half the replicated step's
+  (the state, gradients and optimizer work are 1/devices; the gathered,
+  standardised kernels are the one full-size copy)."""
+  fwd = M.forward_fn('F0', num_classes=1000, depth=(1, 1, 1, 1))
+  tx, _ = optim.make_optimizer(None, batch_size=8, steps_per_epoch=10,
+                               total_steps=100)
+  replicated = _peak_bytes(_dp_config(False), fwd, tx, 8, 64)
+  sharded = _peak_bytes(_dp_config(True), fwd, tx, 8, 64)
+  assert sharded <= 0.5 * replicated, (sharded, replicated)
+
+
+def test_gather_with_all_reduce_transpose_matches_reduce_scatter():
+  """The multi-process CPU gather (transpose = all-reduce + slice, avoiding
+  gloo's reduce-scatter) has the same gradient as the plain all_gather."""
+  dp = _dp(True)
+  n = len(dp.devices)
+  x = np.random.RandomState(0).randn(3, 2 * n).astype(np.float32)
+  w = np.random.RandomState(1).randn(n, 3, 2 * n).astype(np.float32)
+
+  def grads(gather):
+    def per_device(x_shard, w_dev):
+      loss = lambda v: jnp.sum(jnp.sin(gather(v)) * w_dev[0])
+      return jax.grad(loss)(x_shard)
+    spec = P(None, parallel.AXIS)
+    return jax.jit(jax.shard_map(
+        per_device, mesh=dp.mesh, in_specs=(spec, P(parallel.AXIS)),
+        out_specs=spec, check_vma=False))(x, w)
+
+  got = grads(fsdp._gather_last_psum_bwd)  # pylint: disable=protected-access
+  want = grads(fsdp._all_gather_last)  # pylint: disable=protected-access
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # And both are the gradient of the global loss: sum over devices.
+  np.testing.assert_allclose(
+      want, np.cos(x) * w.sum(0), rtol=1e-5, atol=1e-5)
