@@ -34,8 +34,9 @@ setup(
         'safetensors>=0.8.0',
     ],
     extras_require={
+        # The tests also check the ONNX export (the 'onnx' extra).
         'test': ['pytest>=9.0.3', 'pytest-xdist>=3.8.0', 'hypothesis>=6.155.2',
-                 'dill>=0.4.1'],
+                 'dill>=0.4.1', 'jax2onnx>=0.17.1', 'onnxruntime>=1.32.0'],
         # scripts/export.py --format onnx (jax2onnx), checked with onnxruntime.
         'onnx': ['jax2onnx>=0.17.1', 'onnxruntime>=1.32.0'],
     },

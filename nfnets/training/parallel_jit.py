@@ -102,8 +102,10 @@ class Jit(DataParallel):
     # psum the replicated leaves' gradients over AXIS first).
     def step(state, batch, rng):
       specs = self.specs(state)
+      # Only an FSDP step needs the params' layout (a TrainState's).
+      param_specs = specs.params if self.fsdp else None
       mapped = jax.shard_map(
-          self._in_layout(fn, specs.params), mesh=self.mesh,
+          self._in_layout(fn, param_specs), mesh=self.mesh,
           in_specs=(specs, P(AXIS), P()), out_specs=(specs, P()),
           check_vma=False)
       return mapped(state, batch, rng)
