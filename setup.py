@@ -20,7 +20,7 @@ setup(
         'ml-collections>=1.1.0',
         'numpy>=2.0',
         # 0.11.36: the newest that jax2onnx (the 'onnx' extra) accepts; the
-        # suite passes with it and with 0.12.8.
+        # whole suite passed with it, the checkpoint tests also with 0.12.8.
         'orbax-checkpoint>=0.11.36',
         'tensorflow-cpu>=2.21.0',
         'tensorflow-datasets>=4.9.10',
