@@ -413,6 +413,42 @@ def run_blocks(blocks, x: jax.Array, is_training: bool, return_metrics: bool,
   return x
 
 
+def run_stem(convs: Sequence[hk.Module], activation: Callable,
+             x: jax.Array) -> jax.Array:
+  """A stack of stem convolutions with `activation` between them (not after
+  the last: the first block activates its input)."""
+  out = x
+  for i, conv in enumerate(convs):
+    out = conv(out)
+    if i < len(convs) - 1:
+      out = activation(out)
+  return out
+
+
+def blocks_and_head(model: hk.Module, stem_out: jax.Array,
+                    head: Callable[[jax.Array], jax.Array], is_training: bool,
+                    return_metrics: bool, return_features: bool
+                    ) -> Dict[str, jax.Array]:
+  """What every family's __call__ does after its stem: run `model.blocks`,
+  `head` (final conv and/or activation), pool and classify; with
+  return_features, also 'features': {'stem', 'stage1'..'stage4', 'final'}.
+
+  `model` provides blocks, block_stages, remat, fc and drop_rate.
+  """
+  outputs, features = {}, ({} if return_features else None)
+  if features is not None:
+    features['stem'] = stem_out
+  out = run_blocks(model.blocks, stem_out, is_training, return_metrics,
+                   outputs, remat=model.remat, features=features,
+                   block_stages=model.block_stages)
+  out = head(out)
+  if features is not None:
+    features['final'] = out
+    outputs['features'] = features
+  return pool_and_classify(out, model.fc, model.drop_rate, is_training,
+                           outputs)
+
+
 def pool_and_classify(features: jax.Array, fc: 'Linear', drop_rate: float,
                       is_training: bool,
                       outputs: Dict[str, jax.Array]) -> Dict[str, jax.Array]:

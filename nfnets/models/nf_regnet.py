@@ -160,16 +160,7 @@ class NFRegNet(hk.Module):
     All padding is 'SAME': a map of stride s is ceil(H / s) x ceil(W / s)
     for any input size. Same parameters either way.
     """
-    outputs, features = {}, ({} if return_features else None)
     out = self.initial_conv(x)
-    if features is not None:
-      features['stem'] = out
-    out = layers.run_blocks(self.blocks, out, is_training, return_metrics,
-                            outputs, remat=self.remat, features=features,
-                            block_stages=self.block_stages)
-    out = self.activation(self.final_conv(out))
-    if features is not None:
-      features['final'] = out
-      outputs['features'] = features
-    return layers.pool_and_classify(out, self.fc, self.drop_rate, is_training,
-                                    outputs)
+    return layers.blocks_and_head(
+        self, out, lambda h: self.activation(self.final_conv(h)), is_training,
+        return_metrics, return_features)

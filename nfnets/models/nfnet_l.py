@@ -285,20 +285,7 @@ class NFNetL(hk.Module):
     give a map of stride s the size ceil(H / s) x ceil(W / s) for any input
     size (as timm). Same parameters either way.
     """
-    outputs, features = {}, ({} if return_features else None)
-    out = x
-    for i, conv in enumerate(self.stem):
-      out = conv(out)
-      if i < len(self.stem) - 1:
-        out = self.activation(out)
-    if features is not None:
-      features['stem'] = out
-    out = layers.run_blocks(self.blocks, out, is_training, return_metrics,
-                            outputs, remat=self.remat, features=features,
-                            block_stages=self.block_stages)
-    out = self.activation(self.final_conv(out))
-    if features is not None:
-      features['final'] = out
-      outputs['features'] = features
-    return layers.pool_and_classify(out, self.fc, self.drop_rate, is_training,
-                                    outputs)
+    out = layers.run_stem(self.stem, self.activation, x)
+    return layers.blocks_and_head(
+        self, out, lambda h: self.activation(self.final_conv(h)), is_training,
+        return_metrics, return_features)
