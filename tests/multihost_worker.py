@@ -1,12 +1,13 @@
 """One process of a multi-process CPU training run (test_train_scale).
 
-  python tests/multihost_worker.py WORKDIR NUM_PROCESSES PROCESS_ID PORT DEVICES [EMULATE [BACKEND]]
+  python tests/multihost_worker.py WORKDIR NUM_PROCESSES PROCESS_ID PORT DEVICES [EMULATE [BACKENDS]]
 
 With EMULATE=N (single process only), the train batches are the
 concatenation of what N hosts with DEVICES/N devices each would read, so a
 1-process run sees exactly the global batches of an N-process run.
-BACKEND: 'pmap' (default), 'jit', or 'fsdp' (jit with the state sharded over
-the devices of all processes).
+BACKENDS: comma-separated, each trained in turn into WORKDIR/BACKEND, in one
+process (one distributed start-up for all): 'pmap' (default), 'jit', or
+'fsdp' (jit with the state sharded over the devices of all processes).
 """
 import os
 import sys
@@ -42,17 +43,23 @@ def _emulate_hosts(hosts):
   data.create_train_iterator = create_train_iterator
 
 
-def main():
-  workdir, nproc, pid, port, ndev = sys.argv[1:6]
-  emulate = int(sys.argv[6]) if len(sys.argv) > 6 else 0
-  backend = sys.argv[7] if len(sys.argv) > 7 else 'pmap'
-  jax.config.update('jax_num_cpu_devices', int(ndev))
-  if emulate:
-    _emulate_hosts(emulate)
+def _config(backend):
   config = train_utils.tiny_config(num_steps=4, batch_size=16)
   config.unlock()
   config.parallel.backend = 'pmap' if backend == 'pmap' else 'jit'
   config.parallel.fsdp = backend == 'fsdp'
+  config.distributed.initialize = 'never'  # done in main()
+  config.lock()
+  return config
+
+
+def main():
+  workdir, nproc, pid, port, ndev = sys.argv[1:6]
+  emulate = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+  backends = (sys.argv[7] if len(sys.argv) > 7 else 'pmap').split(',')
+  jax.config.update('jax_num_cpu_devices', int(ndev))
+  if emulate:
+    _emulate_hosts(emulate)
   if int(nproc) > 1:
     # Initialised here with generous timeouts (a slow process start), then
     # one tiny collective while the processes are in step (initialize
@@ -63,16 +70,16 @@ def main():
                                heartbeat_timeout_seconds=300)
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('multihost_worker_start')
-    config.distributed.initialize = 'never'
-  config.lock()
-  from nfnets.training.loop import train_and_evaluate
-  results = train_and_evaluate(config, workdir)
-  assert jax.process_count() == int(nproc), jax.process_count()
-  assert jax.device_count() == int(nproc) * int(ndev)
   from nfnets.training import parallel
-  print('BACKEND', type(parallel.make(config.parallel)).__name__,
-        'fsdp' if config.parallel.fsdp else 'replicated')
-  print('EVAL', results.get('eval/count'))
+  from nfnets.training.loop import train_and_evaluate
+  for backend in backends:
+    config = _config(backend)
+    results = train_and_evaluate(config, os.path.join(workdir, backend))
+    assert jax.process_count() == int(nproc), jax.process_count()
+    assert jax.device_count() == int(nproc) * int(ndev)
+    print('BACKEND', backend, type(parallel.make(config.parallel)).__name__,
+          'fsdp' if config.parallel.fsdp else 'replicated')
+    print('EVAL', backend, results.get('eval/count'))
 
 
 if __name__ == '__main__':

@@ -11,8 +11,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _train(workdir, *overrides):
+  # One device, as a user's first run has; the suite's compile-time flags
+  # (tests/conftest.py) kept.
   env = {k: v for k, v in os.environ.items()
          if k not in ('TF_CPP_MIN_LOG_LEVEL', 'XLA_FLAGS')}
+  env['XLA_FLAGS'] = ' '.join(
+      f for f in os.environ.get('XLA_FLAGS', '').split()
+      if 'device_count' not in f and 'collective' not in f)
   env['PYTHONPATH'] = REPO
   cmd = [sys.executable, '-m', 'nfnets.train', '--config=configs/demo.py',
          f'--workdir={workdir}', '--config.train.num_steps=30',

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -151,16 +150,11 @@ def test_resume_after_kill_equals_uninterrupted(tiny_pmap_run, tmp_path):
 
 
 def test_jit_fsdp_loop_equals_pmap_loop_and_averages_the_window(
-    tiny_pmap_run, tmp_path):
+    tiny_pmap_run, tiny_fsdp_run):
   """The loop under config.parallel 'jit' + FSDP trains the same model as
   under 'pmap', and a log covers every step since the previous one."""
   pmap_dir, results_p = tiny_pmap_run
-  jit_dir = str(tmp_path / 'jit')
-  # The config of test_train_scale's FSDP run (one compiled step for both)
-  # but logging every 3 steps.
-  results_j = train_and_evaluate(train_utils.tiny_config(extra={
-      'parallel.backend': 'jit', 'parallel.fsdp': True,
-      'train.log_every_steps': 3}), jit_dir)
+  jit_dir, results_j = tiny_fsdp_run  # logs every 3 steps
   per_step, _ = _train_records(pmap_dir)
   window, _ = _train_records(jit_dir)
   assert [r['step'] for r in per_step] == list(range(1, TOTAL + 1))
@@ -178,79 +172,6 @@ def test_jit_fsdp_loop_equals_pmap_loop_and_averages_the_window(
                                                          atol=1e-7),
                  checkpointing.restore_params(jit_dir, which),
                  checkpointing.restore_params(pmap_dir, which))
-
-
-# Two processes on a loaded machine start and compile at different speeds:
-# generous time limits, and the collectives' fast-fail timeout (conftest.py,
-# for in-process fake devices) raised for the workers.
-_WORKER_XLA_FLAGS = ' '.join(
-    f for f in os.environ.get('XLA_FLAGS', '').split()
-    if 'collective_call_terminate_timeout' not in f) + (
-        ' --xla_cpu_collective_call_terminate_timeout_seconds=600')
-
-
-WORKER_STEPS = 4  # multihost_worker.py's tiny_config(num_steps=4, ...)
-
-
-def _worker(workdir, nproc, pid, port, ndev):
-  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=_WORKER_XLA_FLAGS)
-  return subprocess.Popen(
-      [sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'),
-       workdir, str(nproc), str(pid), str(port), str(ndev)],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _emulated_hosts(single_host, hosts):
-  """create_train_iterator whose batches are the concatenation of what
-  `hosts` hosts read (the global batches of a `hosts`-process run)."""
-  def create_train_iterator(cfg, *, global_batch_size, seed, start_step=0,
-                            **kwargs):
-    kwargs = {k: v for k, v in kwargs.items()
-              if k not in ('process_index', 'process_count')}
-    its = [single_host(cfg, global_batch_size=global_batch_size, seed=seed,
-                       start_step=start_step, process_index=i,
-                       process_count=hosts, **kwargs) for i in range(hosts)]
-    while True:
-      parts = [next(it) for it in its]
-      yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  return create_train_iterator
-
-
-def test_two_processes_equal_one_process(tmp_path, monkeypatch):
-  """2 processes x 2 devices (pmap) train the same model as this process
-  reading the same global batches."""
-  import socket
-  from nfnets import data
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  multi = str(tmp_path / 'multi')
-  procs = [_worker(multi, 2, i, port, 2) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=1200)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  # Eval counted each of the 300 test examples once, on every process.
-  assert all('EVAL 300.0' in out for out in outs), outs
-  # The reference, in this process (8 devices) after the workers ended:
-  # multihost_worker.py's config, the two hosts' batches concatenated.
-  monkeypatch.setattr(data, 'create_train_iterator',
-                      _emulated_hosts(data.create_train_iterator, 2))
-  single = str(tmp_path / 'single')
-  results = train_and_evaluate(
-      train_utils.tiny_config(num_steps=WORKER_STEPS), single)
-  assert results['eval/count'] == 300
-  # Same data, same maths; only the all-reduce order differs (float32
-  # round-off, ~1e-6 on leaves whose values are ~1e-7, e.g. fresh biases).
-  for which in ('raw', 'ema'):
-    a = checkpointing.restore_params(multi, which)
-    b = checkpointing.restore_params(single, which)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4,
-                                                         atol=1e-5), a, b)
 
 
 def test_plot_metrics(tmp_path):

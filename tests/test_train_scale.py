@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_utils  # noqa: E402
 
 REPO = train_utils.REPO
-TOTAL = 18  # steps of the runs compared; checkpoints every 3
-RESUME_AT = 12  # a checkpoint kept by every run (keep_checkpoints=3)
+TOTAL = train_utils.TOTAL  # steps of the runs compared; checkpoints every 3
+RESUME_AT = 6  # a checkpoint kept by every run (keep_checkpoints=3)
 PMAP = {'parallel.backend': 'pmap', 'parallel.fsdp': False}
 FSDP = {'parallel.backend': 'jit', 'parallel.fsdp': True}
 
@@ -71,15 +71,12 @@ def _assert_equal(a, b):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory):
-  """TOTAL steps, uninterrupted, under pmap and under jit + FSDP."""
-  root = tmp_path_factory.mktemp('uninterrupted')
-  runs = {}
-  for name, extra in (('pmap', PMAP), ('fsdp', FSDP)):
-    runs[name] = str(root / name)
-    train_and_evaluate(train_utils.tiny_config(TOTAL, extra=extra),
-                       runs[name])
-    assert _steps(runs[name]) == [12, 15, 18]
+def uninterrupted(tiny_pmap_run, tiny_fsdp_run):
+  """TOTAL steps, uninterrupted, under pmap and under jit + FSDP (the
+  session's shared tiny runs, tests/conftest.py)."""
+  runs = {'pmap': tiny_pmap_run[0], 'fsdp': tiny_fsdp_run[0]}
+  for run in runs.values():
+    assert _steps(run) == [6, 9, 12]
   return runs
 
 
@@ -187,31 +184,40 @@ def _worker(workdir, nproc, pid, port, ndev, emulate, backend):
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_processes_equal_one_process_under_fsdp(tmp_path):
-  """jit + FSDP over 2 processes x 2 devices (the state sharded across both
-  processes, each writing its shards of the checkpoint) trains the same
-  model as 1 process x 4 devices reading the same global batches."""
+def test_two_processes_equal_one_process(tmp_path):
+  """2 processes x 2 devices train the same model as 1 process x 4 devices
+  reading the same global batches, under pmap and under jit + FSDP (the
+  state sharded across both processes, each writing its shards of the
+  checkpoint). One worker trio runs both backends (one start-up)."""
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
-  procs = [_worker(multi, 2, i, port, 2, 0, 'fsdp') for i in range(2)]
-  procs.append(_worker(single, 1, 0, 0, 4, 2, 'fsdp'))
+  procs = [_worker(multi, 2, i, port, 2, 0, 'pmap,fsdp') for i in range(2)]
+  procs.append(_worker(single, 1, 0, 0, 4, 2, 'pmap,fsdp'))
   try:
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
-    assert 'BACKEND Jit fsdp' in out and 'EVAL 300.0' in out, out[-3000:]
-  a, b = _state(multi), _state(single)
-  assert int(a['step']) == int(b['step']) == 4
-  # Same data, same maths; only the all-reduce order differs.
-  _assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert 'BACKEND pmap Pmap replicated' in out, out[-3000:]
+    assert 'BACKEND fsdp Jit fsdp' in out, out[-3000:]
+    # Eval counted each of the 300 test examples once, on every process.
+    assert 'EVAL pmap 300.0' in out and 'EVAL fsdp 300.0' in out, out[-3000:]
+  for backend in ('pmap', 'fsdp'):
+    a = _state(os.path.join(multi, backend))
+    b = _state(os.path.join(single, backend))
+    assert int(a['step']) == int(b['step']) == 4
+    # Same data, same maths; only the all-reduce order differs (float32
+    # round-off, ~1e-6 on leaves whose values are ~1e-7, e.g. fresh biases).
+    _assert_close(a, b, rtol=1e-4, atol=1e-5)
   # restore_params reads the checkpoint sharded over devices of 2 processes
   # (devices this process does not have) as host numpy.
+  fsdp_multi = os.path.join(multi, 'fsdp')
   for which in ('raw', 'ema'):
-    _assert_equal(checkpointing.restore_params(multi, which),
-                  a['params' if which == 'raw' else 'ema_params'])
+    _assert_equal(checkpointing.restore_params(fsdp_multi, which),
+                  _state(fsdp_multi)['params' if which == 'raw'
+                                     else 'ema_params'])
