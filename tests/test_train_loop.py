@@ -4,9 +4,7 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import sys
-import time
 
 import jax
 import numpy as np
@@ -116,37 +114,6 @@ def test_train_eval_logs_and_mismatch(tiny_pmap_run, tmp_path):
                      match='different model'):
     train_and_evaluate(other, copy)
   assert _steps(copy) == [6, 9, 12]
-
-
-def test_resume_after_kill_equals_uninterrupted(tiny_pmap_run, tmp_path):
-  """kill -9 after the first checkpoint, then the same command again: the
-  same params and EMA as the uninterrupted run, bit for bit."""
-  base, _ = tiny_pmap_run
-  killed = str(tmp_path / 'killed')
-  # The same tiny config through command-line overrides.
-  proc = train_utils.run_train_subprocess(train_utils.tiny_args(
-      killed, extra={'train.log_every_steps': 1}))
-  try:
-    deadline = time.time() + 900
-    first = os.path.join(killed, 'checkpoints', '3')
-    while not os.path.isdir(first) and proc.poll() is None:
-      assert time.time() < deadline, 'no checkpoint appeared'
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL, out[-3000:]
-  steps = _steps(killed)
-  assert steps and steps[-1] < TOTAL, steps  # killed mid-run
-  train_and_evaluate(train_utils.tiny_config(
-      extra={'train.log_every_steps': 1}), killed)
-  assert _steps(killed)[-1] == TOTAL
-  for which in ('raw', 'ema'):
-    a = checkpointing.restore_params(base, which)
-    b = checkpointing.restore_params(killed, which)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def test_jit_fsdp_loop_equals_pmap_loop_and_averages_the_window(

@@ -96,7 +96,7 @@ def test_checkpoints_resume_across_backends(uninterrupted, tmp_path):
   """A pmap checkpoint resumed under jit + FSDP (and the reverse) ends where
   the uninterrupted runs end, params, EMA and optimizer state, to float32
   round-off (the backends reduce gradients over the devices differently:
-  all-reduce vs reduce-scatter)."""
+  all-reduce vs reduce-scatter); resumed under pmap, bit for bit."""
   pmap_end = _state(uninterrupted['pmap'])
   fsdp_end = _state(uninterrupted['fsdp'])
   assert int(pmap_end['step']) == int(fsdp_end['step']) == TOTAL
@@ -110,6 +110,11 @@ def test_checkpoints_resume_across_backends(uninterrupted, tmp_path):
     assert int(resumed['nonfinite']) == 0
     # atol: leaves that are ~0 (fresh biases, momentum of near-zero grads).
     _assert_close(resumed, reference, rtol=1e-5, atol=1e-6)
+  # Under the same backend, resuming is bit-exact (pmap here; jit + FSDP
+  # after SIGTERM and kill -9 in the next test).
+  _assert_equal(_resume_from_copy(uninterrupted['pmap'], RESUME_AT,
+                                  str(tmp_path / 'pmap_to_pmap'), PMAP),
+                pmap_end)
 
 
 def _wait_for_checkpoint_after(proc, workdir, step, timeout=400):
