@@ -1,4 +1,4 @@
-"""The training loop under the 'jit' (+ FSDP) backend at the run level:
+"""The training loop at the run level, under 'pmap' and 'jit' (+ FSDP):
 checkpoints cross backends, kill -9 and SIGTERM resume, several processes.
 
 All on the tiny digits config (tests/train_utils.py) over fake CPU devices.
