@@ -251,6 +251,14 @@ class Linear(hk.Module):
     return jnp.dot(x, w.astype(x.dtype)) + b.astype(x.dtype)
 
 
+def classifier(num_classes: int) -> Linear:
+  """The families' final 'linear' layer: w ~ N(0, 0.01), zero bias (the
+  release's NFNet and NF_ResNet with fc_init=None). Create it in the model's
+  __init__, so that its path is '<model>/~/linear'."""
+  return Linear(num_classes, w_init=hk.initializers.RandomNormal(0.01, 0.0),
+                name='linear')
+
+
 class SqueezeExcite(hk.Module):
   """Squeeze-and-excite: sigmoid(fc1(relu(fc0(mean_hw(x))))) of shape [B,1,1,C].
 

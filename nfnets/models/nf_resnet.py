@@ -125,10 +125,7 @@ class NFResNet(hk.Module):
       ch = widths[b.stage]
     self.feature_info = layers.make_feature_info(
         (stem_ch, 4), widths, layers.stage_strides(4, 1), widths[-1])
-    # N(0, 0.01) as the release's NF_ResNet (fc_init=None).
-    self.fc = layers.Linear(num_classes,
-                            w_init=hk.initializers.RandomNormal(0.01, 0.0),
-                            name='linear')
+    self.fc = layers.classifier(num_classes)
 
   def __call__(self, x: jax.Array, is_training: bool = True,
                return_metrics: bool = False,

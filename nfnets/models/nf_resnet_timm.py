@@ -21,8 +21,7 @@ import jax.numpy as jnp
 
 from nfnets.models import layers
 from nfnets.models.nfnet_l import (_PLAIN_ACTIVATIONS, TimmWSConv2D,
-                                   make_divisible)
-from nfnets.models.variants import family_variant
+                                   init_timm_family, make_divisible)
 
 
 class TimmNFResBlock(hk.Module):
@@ -108,16 +107,10 @@ class TimmNFResNet(hk.Module):
                conv_lowering: Optional[str] = None, remat: bool = False,
                name: str = 'NF_ResNet_T'):
     super().__init__(name=name)
-    spec = family_variant(variant, 'nf_resnet_timm')
-    layers.check_conv_lowering(conv_lowering)
-    layers.check_stochdepth_rate(stochdepth_rate)
-    if activation not in _PLAIN_ACTIVATIONS:
-      raise ValueError(f'activation must be one of '
-                       f'{sorted(_PLAIN_ACTIVATIONS)}, got {activation!r}.')
-    self.spec, self.remat = spec, remat
-    self.drop_rate = spec.dropout if drop_rate is None else drop_rate
-    self.activation = _PLAIN_ACTIVATIONS[activation]
-    depth = tuple(depth) if depth is not None else spec.depth
+    spec, depth = init_timm_family(
+        self, variant, 'nf_resnet_timm', depth=depth, activation=activation,
+        drop_rate=drop_rate, stochdepth_rate=stochdepth_rate,
+        conv_lowering=conv_lowering, remat=remat)
     widths = [make_divisible(w * width) for w in spec.width]
     ch = make_divisible(64 * width)
     self.initial_conv = TimmWSConv2D(
@@ -137,9 +130,7 @@ class TimmNFResNet(hk.Module):
           stochdepth_rate=stochdepth_rate * b.depth_fraction,
           conv_lowering=conv_lowering))
       ch = out_ch
-    self.fc = layers.Linear(num_classes,
-                            w_init=hk.initializers.RandomNormal(0.01, 0.0),
-                            name='linear')
+    self.fc = layers.classifier(num_classes)
 
   def __call__(self, x: jax.Array, is_training: bool = True,
                return_metrics: bool = False,

@@ -171,9 +171,7 @@ class NFNet(hk.Module):
     self.feature_info = layers.make_feature_info(
         (stem_ch, 4), widths, layers.stage_strides(4, 1),
         self.final_conv.output_channels)
-    self.fc = layers.Linear(num_classes,
-                            w_init=hk.initializers.RandomNormal(0.01, 0.0),
-                            name='linear')
+    self.fc = layers.classifier(num_classes)
 
   def __call__(self, x: jax.Array, is_training: bool = True,
                return_metrics: bool = False,

@@ -42,6 +42,26 @@ _PLAIN_ACTIVATIONS = {
 }
 
 
+def init_timm_family(module: hk.Module, variant: str, family: str, *,
+                     depth: Optional[Sequence[int]], activation: str,
+                     drop_rate: Optional[float], stochdepth_rate: float,
+                     conv_lowering: Optional[str], remat: bool):
+  """The arguments the timm-style families (NFNet-L, timm's NF-ResNet) share:
+  checks them and sets module.spec, .remat, .drop_rate (the variant's when
+  None) and .activation (a plain function: no gamma folded in). Returns
+  (spec, depth), depth defaulting to the variant's."""
+  spec = family_variant(variant, family)
+  layers.check_conv_lowering(conv_lowering)
+  layers.check_stochdepth_rate(stochdepth_rate)
+  if activation not in _PLAIN_ACTIVATIONS:
+    raise ValueError(f'activation must be one of '
+                     f'{sorted(_PLAIN_ACTIVATIONS)}, got {activation!r}.')
+  module.spec, module.remat = spec, remat
+  module.drop_rate = spec.dropout if drop_rate is None else drop_rate
+  module.activation = _PLAIN_ACTIVATIONS[activation]
+  return spec, (tuple(depth) if depth is not None else spec.depth)
+
+
 def make_divisible(value: float, divisor: int = 8,
                    round_limit: float = 0.9) -> int:
   """timm's channel rounding: nearest multiple of `divisor` (at least one),
@@ -227,16 +247,10 @@ class NFNetL(hk.Module):
                conv_lowering: Optional[str] = None, remat: bool = False,
                name: str = 'NFNet_L'):
     super().__init__(name=name)
-    spec = family_variant(variant, 'nfnet_l')
-    layers.check_conv_lowering(conv_lowering)
-    layers.check_stochdepth_rate(stochdepth_rate)
-    if activation not in _PLAIN_ACTIVATIONS:
-      raise ValueError(f'activation must be one of '
-                       f'{sorted(_PLAIN_ACTIVATIONS)}, got {activation!r}.')
-    self.spec, self.remat = spec, remat
-    self.drop_rate = spec.dropout if drop_rate is None else drop_rate
-    self.activation = _PLAIN_ACTIVATIONS[activation]
-    depth = tuple(depth) if depth is not None else spec.depth
+    spec, depth = init_timm_family(
+        self, variant, 'nfnet_l', depth=depth, activation=activation,
+        drop_rate=drop_rate, stochdepth_rate=stochdepth_rate,
+        conv_lowering=conv_lowering, remat=remat)
     if len(depth) != 4 or min(depth) < 1:
       raise ValueError(f'depth must be 4 positive ints, got {depth}.')
     widths = [make_divisible(w * width) for w in spec.width]
@@ -270,9 +284,7 @@ class NFNetL(hk.Module):
     self.feature_info = layers.make_feature_info(
         (stem_ch, 4), widths, layers.stage_strides(4, 1),
         self.final_conv.output_channels)
-    self.fc = layers.Linear(num_classes,
-                            w_init=hk.initializers.RandomNormal(0.01, 0.0),
-                            name='linear')
+    self.fc = layers.classifier(num_classes)
 
   def __call__(self, x: jax.Array, is_training: bool = True,
                return_metrics: bool = False,
