@@ -30,7 +30,7 @@ def compute(model: str, image_size: int = 64, batch_size: int = 8,
   fwd = M.forward_fn(model, num_classes=1000, **overrides)
   x = jax.random.normal(jax.random.PRNGKey(seed + 1),
                         (batch_size, image_size, image_size, 3))
-  params = fwd.init(jax.random.PRNGKey(seed), x, False)
+  params = M.init_params(fwd, jax.random.PRNGKey(seed), x, False)
   params = jax.tree_util.tree_map_with_path(
       lambda p, v: (jnp.full_like(v, skip_gain)
                     if 'skip_gain' in jax.tree_util.keystr(p) else v), params)

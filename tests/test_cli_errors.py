@@ -1,6 +1,7 @@
 """Start-up mistakes through the real command line: one line on stderr,
 `error: ...`, exit status 2, and nothing compiled (each run gets an empty
 persistent XLA cache, which any compilation would write to)."""
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -13,14 +14,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(tmp_path, *args):
+  """Runs `python -m nfnets.train ARGS` with an empty persistent XLA cache of
+  its own in tmp_path; returns (completed run, the cache's files)."""
   cache = tmp_path / 'xla_cache'
   cache.mkdir()
   env = dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  run = subprocess.run(
-      [sys.executable, '-m', 'nfnets.train', *args], cwd=REPO, env=env,
-      capture_output=True, text=True, timeout=300)
+  cmd = [sys.executable, '-m', 'nfnets.train', *args]
+  run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
   return run, list(cache.iterdir())
 
 
@@ -63,31 +66,51 @@ CASES = {
 }
 
 
+# The runs are independent processes, mostly importing TensorFlow on one
+# core: they run up to three at a time, all started by the first test.
+RUNS = dict(
+    {case: args + ['--workdir={tmp}/w'] for case, (args, _) in CASES.items()},
+    debug=[DEMO, '--config.train.batch_size=-4',
+           '--config.train.log_level=debug', '--workdir={tmp}/w'],
+    dry_run=[DEMO, '--dry_run', '--workdir={tmp}/w'])
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, train_only_folder):
+  """{run: (tmp dir, future of _run's (completed run, compiled files))}."""
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    started = {}
+    for name, args in RUNS.items():
+      tmp = tmp_path_factory.mktemp(name)
+      args = [a.format(tmp=tmp, folder=train_only_folder) for a in args]
+      started[name] = (tmp, pool.submit(_run, tmp, *args))
+    yield started
+
+
 @pytest.mark.parametrize('case', sorted(CASES))
-def test_startup_mistake_is_one_line_exit_2(case, tmp_path, train_only_folder):
-  args, expected = CASES[case]
-  args = [a.format(tmp=tmp_path, folder=train_only_folder) for a in args]
-  run, compiled = _run(tmp_path, *args, f'--workdir={tmp_path}/w')
+def test_startup_mistake_is_one_line_exit_2(case, runs):
+  tmp, future = runs[case]
+  run, compiled = future.result()
   out = (run.stdout + run.stderr).strip()
   assert run.returncode == 2, out[-3000:]
   assert out.splitlines() == [out] and out.startswith('error: '), out[-3000:]
-  assert expected in out, out
+  assert CASES[case][1] in out, out
   assert 'Traceback' not in out and not compiled, (out, compiled)
-  assert not (tmp_path / 'w').exists()
+  assert not (tmp / 'w').exists()
 
 
-def test_debug_log_level_shows_the_traceback(tmp_path):
-  run, _ = _run(tmp_path, DEMO, '--config.train.batch_size=-4',
-                '--config.train.log_level=debug', f'--workdir={tmp_path}/w')
+def test_debug_log_level_shows_the_traceback(runs):
+  run, _ = runs['debug'][1].result()
   assert run.returncode == 2
   assert 'Traceback' in run.stderr and 'ConfigError' in run.stderr
   assert run.stderr.strip().splitlines()[-1].startswith(
       'error: config.train.batch_size')
 
 
-def test_dry_run_prints_the_resolved_config_and_model_size(tmp_path):
+def test_dry_run_prints_the_resolved_config_and_model_size(runs):
   from nfnets import models  # pylint: disable=g-import-not-at-top
-  run, compiled = _run(tmp_path, DEMO, '--dry_run')
+  tmp, future = runs['dry_run']
+  run, compiled = future.result()
   assert run.returncode == 0, run.stderr[-3000:]
   out = run.stdout
   # The demo model (F0 at 1/8 width, depth 1 per stage) on the digits.
@@ -98,4 +121,4 @@ def test_dry_run_prints_the_resolved_config_and_model_size(tmp_path):
   assert "train 'train' (1,497 examples), eval 'test' (300 examples)" in out
   assert 'train 32 px, eval 32 px, RandAugment off' in out and '10 classes' in out
   assert 'eval_split: test' in out and 'num_classes: 10' in out
-  assert not compiled and not (tmp_path / 'w').exists()
+  assert not compiled and not (tmp / 'w').exists()

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import train_utils
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,8 +21,12 @@ def _train(workdir, *overrides):
       f for f in os.environ.get('XLA_FLAGS', '').split()
       if 'device_count' not in f and 'collective' not in f)
   env['PYTHONPATH'] = REPO
+  # The demo narrowed to the suite's tiny model and size (the console is
+  # the same; compiling and training cost less).
+  tiny = [f'--config.{k}={v}' for k, v in train_utils.TINY_OVERRIDES.items()
+          if k.startswith(('model.', 'data.'))]
   cmd = [sys.executable, '-m', 'nfnets.train', '--config=configs/demo.py',
-         f'--workdir={workdir}', '--config.train.num_steps=30',
+         f'--workdir={workdir}', *tiny, '--config.train.num_steps=30',
          '--config.train.log_every_steps=10',
          '--config.train.checkpoint_every_steps=10', *overrides]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,

@@ -59,9 +59,10 @@ def count_flops(name: str, image_size=None, num_classes: int = 1000,
   """
   if image_size is None:
     image_size = registry.get_variant(name).test_size
-  overrides = dict(overrides, conv_lowering='xla')
-  fwd = registry.forward_fn(name, num_classes, **overrides)
+  overrides.pop('conv_lowering', None)  # the lowerings share one tree
   params = registry.param_shapes(name, num_classes, **overrides)
+  fwd = registry.forward_fn(name, num_classes, conv_lowering='xla',
+                            **overrides)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda p, x: fwd.apply(p, None, x, False))(params, x)
   return jaxpr_macs(jaxpr.jaxpr)

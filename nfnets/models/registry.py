@@ -1,5 +1,6 @@
 """One entry point for every model family: build(name, num_classes, **overrides)."""
 import difflib
+import functools
 from typing import Dict, List
 
 import haiku as hk
@@ -111,11 +112,29 @@ def init_params(forward: hk.Transformed, rng: jax.Array, images: jax.Array,
 
 def param_shapes(name: str, num_classes: int = 1000, image_size: int = 32,
                  **overrides) -> Dict[str, Dict[str, jax.ShapeDtypeStruct]]:
-  """The parameter tree's shapes, without materialising any weights."""
-  fwd = forward_fn(name, num_classes, **overrides)
+  """The parameter tree's shapes, without materialising any weights.
+
+  Tracing a full-size model's initialisers takes seconds, and count_params,
+  count_flops and the checkpoint loaders ask for the same trees: the last
+  few are remembered (a fresh dict is returned each time).
+  """
+  key = (name, num_classes, image_size, tuple(sorted(overrides.items())))
+  try:
+    hash(key)
+  except TypeError:  # an unhashable override value (a list): not remembered
+    return _trace_param_shapes(*key)
+  return {module: dict(leaves)
+          for module, leaves in _remembered_param_shapes(*key).items()}
+
+
+def _trace_param_shapes(name, num_classes, image_size, overrides):
+  fwd = forward_fn(name, num_classes, **dict(overrides))
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   return jax.eval_shape(lambda k, x: fwd.init(k, x, False),
                         jax.random.PRNGKey(0), x)
+
+
+_remembered_param_shapes = functools.lru_cache(maxsize=16)(_trace_param_shapes)
 
 
 def count_params(name: str, num_classes: int = 1000, **overrides) -> int:
