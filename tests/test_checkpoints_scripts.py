@@ -10,6 +10,7 @@ import pytest
 
 import nfnets.checkpoints as C
 import nfnets.models as M
+import test_checkpoints_released
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=0.125, depth=(1, 1, 1, 1), group_size=16)
@@ -25,11 +26,9 @@ def _script(name):
 
 
 def random_tree(num_classes, seed=0):
-  rng = np.random.default_rng(seed)
-  shapes = M.param_shapes('F0', num_classes, **TINY)
-  return {m: {n: (rng.standard_normal(s.shape, dtype=np.float32) * 0.1
-                  + (1.0 if n == 'gain' else 0.0)) for n, s in d.items()}
-          for m, d in shapes.items()}
+  """Random values over the tiny F0's exact params tree."""
+  return test_checkpoints_released.random_tree(
+      M.param_shapes('F0', num_classes, **TINY), seed)
 
 
 def _equal(a, b):
