@@ -30,30 +30,72 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 
+import json  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402  (after the environment above)
 
+import background  # noqa: E402  (snapshots the environment above)
+import train_utils  # noqa: E402
+
+
+# Subprocess-heavy runs work in the background while in-process tests run
+# (tests/background.py).
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+  background.reorder(items)
+
+
+def pytest_collection_finish(session):
+  if not session.config.option.collectonly:
+    background.start(session.items)
+
+
+def pytest_terminal_summary(terminalreporter):
+  if background.summary():
+    terminalreporter.write_line(background.summary())
+
+
+def pytest_sessionfinish():
+  background.close()
+
+
+# The shared tiny runs (train_utils.RESUMES), read-only.
+@background.job
+def tiny_runs(tmp):
+  """{name: (workdir, final eval results)}: TOTAL steps of train_utils'
+  config under pmap ('pmap', logging every step) and under jit + FSDP
+  ('fsdp', every 3 steps), checkpoints at 6, 9, 12; then the resumes of
+  train_utils.RESUMES. Trained in turn in one process
+  (tests/train_runs_worker.py)."""
+  runs = [dict(name='pmap', extra=dict(train_utils.PMAP,
+                                       **{'train.log_every_steps': 1})),
+          dict(name='fsdp', extra=dict(train_utils.FSDP,
+                                       **{'train.log_every_steps': 3}))]
+  for name, (src, extra) in train_utils.RESUMES.items():
+    runs.append(dict(name=name, extra=extra, resume_from=str(
+        tmp / src / 'checkpoints' / str(train_utils.RESUMED_AT))))
+  for run in runs:
+    run['workdir'] = str(tmp / run['name'])
+  with open(tmp / 'runs.json', 'w') as f:
+    json.dump(runs, f)
+  out = background.run(
+      [sys.executable, os.path.join(train_utils.REPO, 'tests',
+                                    'train_runs_worker.py'),
+       str(tmp / 'runs.json')], timeout=1800,
+      env=background.env(PYTHONPATH=train_utils.REPO))
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+  return {run['name']: (run['workdir'], train_utils.final_eval(run['workdir']))
+          for run in runs}
+
 
 @pytest.fixture(scope='session')
-def tiny_pmap_run(tmp_path_factory):
-  """(workdir, results) of the tiny digits config (tests/train_utils.py) run
-  for train_utils.TOTAL steps under pmap, logging every step, checkpoints at
-  6, 9, 12. One run shared by the loop and fine-tuning tests; read-only."""
-  import train_utils  # pylint: disable=g-import-not-at-top
-  from nfnets.training.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp('tiny_pmap_run'))
-  config = train_utils.tiny_config(extra={'train.log_every_steps': 1})
-  return workdir, train_and_evaluate(config, workdir)
+def tiny_pmap_run(tiny_runs):
+  """(workdir, final eval results) of the shared run under pmap."""
+  return tiny_runs['pmap']
 
 
 @pytest.fixture(scope='session')
-def tiny_fsdp_run(tmp_path_factory):
-  """(workdir, results) of the same config as tiny_pmap_run under the 'jit'
-  backend with FSDP, logging every 3 steps. Shared by the loop tests and
-  test_train_scale's resume tests; read-only."""
-  import train_utils  # pylint: disable=g-import-not-at-top
-  from nfnets.training.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp('tiny_fsdp_run'))
-  config = train_utils.tiny_config(extra={
-      'parallel.backend': 'jit', 'parallel.fsdp': True,
-      'train.log_every_steps': 3})
-  return workdir, train_and_evaluate(config, workdir)
+def tiny_fsdp_run(tiny_runs):
+  """(workdir, final eval results) of the shared run under jit + FSDP."""
+  return tiny_runs['fsdp']

@@ -3,8 +3,9 @@ training step; checks the JSON line's fields. No timing assertions."""
 import json
 import os
 import platform
-import subprocess
 import sys
+
+import background
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'scripts', 'benchmark.py')
@@ -15,15 +16,21 @@ POSITIVE = ('img_per_s', 'step_ms', 'step_cpu_ms', 'compile_s',
             'achieved_tflops', 'peak_tflops', 'mfu', 'threads')
 
 
-def test_benchmark_tiny_f0_json(tmp_path):
-  out = tmp_path / 'bench.jsonl'
+@background.job
+def benchmark_run(tmp):
+  """(scripts/benchmark.py's run, its --json_out file) for a tiny F0."""
+  out = tmp / 'bench.jsonl'
   cmd = [sys.executable, SCRIPT, '--model', 'F0', '--width', '0.0625',
          '--depth', '1,1,1,1', '--group_size', '8', '--image_size', '16',
          '--batch_size', '2', '--num_classes', '10', '--steps', '2',
          '--warmup', '1', '--dtype', 'f32', '--peak_tflops', '1.0',
          '--json_out', str(out)]
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                        cwd=REPO)
+  return background.run(cmd, timeout=600, cwd=REPO,
+                        env=background.env(PYTHONPATH=REPO)), out
+
+
+def test_benchmark_tiny_f0_json(benchmark_run):
+  proc, out = benchmark_run
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
   assert len(lines) == 1, proc.stdout

@@ -4,7 +4,6 @@ into other layouts. Plus the single-process SIGTERM flag."""
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -16,6 +15,7 @@ from nfnets.checkpoints import PreemptionWatcher, RunCheckpointer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import background  # noqa: E402  pylint: disable=g-import-not-at-top
 import preemption_worker  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -51,24 +51,25 @@ def test_multihost_requires_distributed():
     PreemptionWatcher(multihost=True)
 
 
-def test_sigterm_on_one_host_stops_both_at_same_step(tmp_path):
+@background.job
+def preempted_pair(tmp):
+  """(workdir, [(worker, output)]): two processes training a toy state, the
+  second SIGTERMed once both are ready."""
   port = _free_port()
   # Generous limits: on a loaded machine a process may take minutes to
   # start, and one may reach a collective long before the other.
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+  flags = [f for f in background.env()['XLA_FLAGS'].split()
            if 'collective_call_terminate_timeout' not in f]
-  env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE),
-             TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS=' '.join(
-                 flags + ['--xla_cpu_collective_call_terminate_timeout_'
-                          'seconds=600']))
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(HERE, 'preemption_worker.py'),
-       str(tmp_path), '2', str(i), str(port)], env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  env = background.env(
+      PYTHONPATH=os.path.dirname(HERE), TF_CPP_MIN_LOG_LEVEL='3',
+      XLA_FLAGS=' '.join(flags + [
+          '--xla_cpu_collective_call_terminate_timeout_seconds=600']))
+  procs = [background.popen(
+      [sys.executable, os.path.join(HERE, 'preemption_worker.py'), str(tmp),
+       '2', str(i), str(port)], env=env) for i in range(2)]
   try:
     deadline = time.time() + 900
-    while not all((tmp_path / f'ready_{i}').exists() for i in range(2)):
+    while not all((tmp / f'ready_{i}').exists() for i in range(2)):
       assert time.time() < deadline, 'workers did not start'
       assert all(p.poll() is None for p in procs), [
           p.communicate()[0][-3000:] for p in procs]
@@ -79,8 +80,14 @@ def test_sigterm_on_one_host_stops_both_at_same_step(tmp_path):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for p, out in zip(procs, outs):
+  return tmp, list(zip(procs, outs))
+
+
+def test_sigterm_on_one_host_stops_both_at_same_step(preempted_pair):
+  tmp_path, runs = preempted_pair
+  for p, out in runs:
     assert p.returncode == 0, out[-3000:]
+  outs = [out for _, out in runs]
   saved = [[int(l.split()[1]) for l in out.splitlines()
             if l.startswith('SAVED ')] for out in outs]
   assert len(saved[0]) == 1 and saved[0] == saved[1], saved

@@ -3,11 +3,11 @@
 persistent XLA cache, which any compilation would write to)."""
 import concurrent.futures
 import os
-import subprocess
 import sys
 
 import pytest
 
+import background
 import test_images
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,21 +18,12 @@ def _run(tmp_path, *args):
   its own in tmp_path; returns (completed run, the cache's files)."""
   cache = tmp_path / 'xla_cache'
   cache.mkdir()
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env = background.env(PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache),
+                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   cmd = [sys.executable, '-m', 'nfnets.train', *args]
-  run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
-  return run, list(cache.iterdir())
-
-
-@pytest.fixture(scope='module')
-def train_only_folder(tmp_path_factory):
-  root = tmp_path_factory.mktemp('train_only')
-  test_images.write_folder(str(root))
-  os.rename(root / 'val', root / 'held_back')
-  return root
+  return background.run(cmd, timeout=300, cwd=REPO, env=env), list(
+      cache.iterdir())
 
 
 DEMO = '--config=configs/demo.py'
@@ -66,8 +57,6 @@ CASES = {
 }
 
 
-# The runs are independent processes, mostly importing TensorFlow on one
-# core: they run up to three at a time, all started by the first test.
 RUNS = dict(
     {case: args + ['--workdir={tmp}/w'] for case, (args, _) in CASES.items()},
     debug=[DEMO, '--config.train.batch_size=-4',
@@ -75,22 +64,27 @@ RUNS = dict(
     dry_run=[DEMO, '--dry_run', '--workdir={tmp}/w'])
 
 
-@pytest.fixture(scope='module')
-def runs(tmp_path_factory, train_only_folder):
-  """{run: (tmp dir, future of _run's (completed run, compiled files))}."""
-  with concurrent.futures.ThreadPoolExecutor(3) as pool:
-    started = {}
-    for name, args in RUNS.items():
-      tmp = tmp_path_factory.mktemp(name)
-      args = [a.format(tmp=tmp, folder=train_only_folder) for a in args]
-      started[name] = (tmp, pool.submit(_run, tmp, *args))
-    yield started
+@background.job
+def runs(tmp):
+  """{run: (its tmp dir, completed run, compiled files)}. The runs are
+  independent processes, mostly importing TensorFlow on one core: two at a
+  time. {folder}: an image folder with a train split only."""
+  folder = tmp / 'train_only'
+  test_images.write_folder(str(folder))
+  os.rename(folder / 'val', folder / 'held_back')
+
+  def one(name):
+    run_tmp = tmp / name
+    run_tmp.mkdir()
+    args = [a.format(tmp=run_tmp, folder=folder) for a in RUNS[name]]
+    return (run_tmp, *_run(run_tmp, *args))
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    return dict(zip(RUNS, pool.map(one, RUNS)))
 
 
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_startup_mistake_is_one_line_exit_2(case, runs):
-  tmp, future = runs[case]
-  run, compiled = future.result()
+  tmp, run, compiled = runs[case]
   out = (run.stdout + run.stderr).strip()
   assert run.returncode == 2, out[-3000:]
   assert out.splitlines() == [out] and out.startswith('error: '), out[-3000:]
@@ -100,7 +94,7 @@ def test_startup_mistake_is_one_line_exit_2(case, runs):
 
 
 def test_debug_log_level_shows_the_traceback(runs):
-  run, _ = runs['debug'][1].result()
+  run = runs['debug'][1]
   assert run.returncode == 2
   assert 'Traceback' in run.stderr and 'ConfigError' in run.stderr
   assert run.stderr.strip().splitlines()[-1].startswith(
@@ -109,8 +103,7 @@ def test_debug_log_level_shows_the_traceback(runs):
 
 def test_dry_run_prints_the_resolved_config_and_model_size(runs):
   from nfnets import models  # pylint: disable=g-import-not-at-top
-  tmp, future = runs['dry_run']
-  run, compiled = future.result()
+  tmp, run, compiled = runs['dry_run']
   assert run.returncode == 0, run.stderr[-3000:]
   out = run.stdout
   # The demo model (F0 at 1/8 width, depth 1 per stage) on the digits.

@@ -1,6 +1,5 @@
 """Input pipeline: digits builder, batches, sharding, eval coverage, resume."""
 import os
-import subprocess
 import sys
 
 import ml_collections
@@ -13,6 +12,9 @@ from nfnets.data import digits
 from nfnets.data import pipeline
 from nfnets.data import preprocess
 
+import background
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LO, HI = preprocess.normalized_range()
 
 
@@ -236,50 +238,54 @@ _HASH_SCRIPT = r'''
 import hashlib, sys, ml_collections
 from nfnets import config as config_lib
 from nfnets import data
-cfg = ml_collections.ConfigDict(config_lib.base_config().data.to_dict())
-cfg.update(dict(name='digits', data_dir=sys.argv[1], train_split='train', image_size=32,
-    randaug='405', mixup_alpha=0.2, cutmix=True, label_smoothing=0.1, shuffle_buffer=100,
-    num_classes=10, num_chunks=4, augment_on=sys.argv[3]))
-it = data.create_train_iterator(cfg, global_batch_size=32, seed=11, start_step=int(sys.argv[2]),
-                                process_index=0, process_count=1)
-h = hashlib.sha256()
-for _ in range(2):
-  b = next(it)
-  for k in sorted(b):
-    h.update(b[k].tobytes())
-print('HASH', h.hexdigest())
+from nfnets.data import digits
+digits.prepare(sys.argv[1])
+for augment_on in ('host', 'device'):
+  cfg = ml_collections.ConfigDict(config_lib.base_config().data.to_dict())
+  cfg.update(dict(name='digits', data_dir=sys.argv[1], train_split='train',
+      image_size=32, randaug='405', mixup_alpha=0.2, cutmix=True,
+      label_smoothing=0.1, shuffle_buffer=100, num_classes=10, num_chunks=4,
+      augment_on=augment_on))
+  it = data.create_train_iterator(cfg, global_batch_size=32, seed=11,
+                                  start_step=3, process_index=0,
+                                  process_count=1)
+  h = hashlib.sha256()
+  for _ in range(2):
+    b = next(it)
+    for k in sorted(b):
+      h.update(b[k].tobytes())
+  print('HASH', augment_on, h.hexdigest())
 '''
 
 
+@background.job
+def fresh_process_hashes(tmp):
+  """A fresh process's (fresh TF runtime, its own copy of the digits)
+  output: the hash of train batches 3 and 4, resumed at step 3, per
+  augment_on."""
+  run = background.run([sys.executable, '-c', _HASH_SCRIPT, str(tmp)],
+                       timeout=600, env=background.env(PYTHONPATH=REPO))
+  assert run.returncode == 0, run.stderr[-3000:]
+  return run.stdout
+
+
 @pytest.mark.parametrize('augment_on', ['host', 'device'])
-def test_resume_is_exact_across_processes(digits_dir, augment_on):
+def test_resume_is_exact_across_processes(digits_dir, augment_on,
+                                          fresh_process_hashes):
   """A restarted process (fresh TF runtime) gives the same batches (device
   path: the same raw images, labels and random draws)."""
   import hashlib  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [os.path.dirname(os.path.dirname(os.path.abspath(data.__file__)))] +
-      os.environ.get('PYTHONPATH', '').split(os.pathsep)))
-  # The fresh process works while this one computes the same batches.
-  proc = subprocess.Popen(
-      [sys.executable, '-c', _HASH_SCRIPT, digits_dir, '3', augment_on],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-  try:
-    cfg = _cfg(digits_dir, randaug='405', mixup_alpha=0.2, cutmix=True,
-               label_smoothing=0.1, shuffle_buffer=100, num_chunks=4,
-               augment_on=augment_on)
-    batches = _take(data.create_train_iterator(
-        cfg, global_batch_size=32, seed=11, process_index=0,
-        process_count=1), 5)[3:]
-    h = hashlib.sha256()
-    for b in batches:
-      for k in sorted(b):
-        h.update(b[k].tobytes())
-    out, err = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 0, err[-3000:]
-  assert f'HASH {h.hexdigest()}' in out
+  cfg = _cfg(digits_dir, randaug='405', mixup_alpha=0.2, cutmix=True,
+             label_smoothing=0.1, shuffle_buffer=100, num_chunks=4,
+             augment_on=augment_on)
+  batches = _take(data.create_train_iterator(
+      cfg, global_batch_size=32, seed=11, process_index=0,
+      process_count=1), 5)[3:]
+  h = hashlib.sha256()
+  for b in batches:
+    for k in sorted(b):
+      h.update(b[k].tobytes())
+  assert f'HASH {augment_on} {h.hexdigest()}' in fresh_process_hashes
 
 
 # ---------------------------------------------------------------------------

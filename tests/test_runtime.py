@@ -1,16 +1,14 @@
 """nfnets.runtime: the glibc malloc and dispatch settings for XLA:CPU (fresh
 processes)."""
-import concurrent.futures
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
+import background
 from nfnets import runtime
 
 _PROBE = textwrap.dedent('''
@@ -34,21 +32,25 @@ _PROBE = textwrap.dedent('''
 
 
 def _probe(**env):
-  full = {k: v for k, v in os.environ.items()
+  full = {k: v for k, v in background.env().items()
           if k not in ('XLA_FLAGS', runtime.ENV_SWITCH)}
   full.update(JAX_PLATFORMS='cpu', **env)
-  out = subprocess.run([sys.executable, '-c', _PROBE], env=full,
-                       capture_output=True, text=True, timeout=300)
+  out = background.run([sys.executable, '-c', _PROBE], env=full, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@background.job
+def malloc_probes(tmp):
+  """The probe's report in a fresh process with nfnets.runtime's settings,
+  and in one with them switched off."""
+  del tmp
+  return _probe(), _probe(**{runtime.ENV_SWITCH: '0'})
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
-def test_malloc_setting_removes_per_execution_page_faults():
-  # Two fresh processes, side by side.
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    tuned, plain = pool.map(lambda env: _probe(**env),
-                            [{}, {runtime.ENV_SWITCH: '0'}])
+def test_malloc_setting_removes_per_execution_page_faults(malloc_probes):
+  tuned, plain = malloc_probes
   assert tuned['status'] == {'status': 'on', 'malloc': 'no mmap, no trim',
                              'dispatch': 'synchronous'}
   assert tuned['async'] is False

@@ -2,11 +2,9 @@
 lines, no library INFO chatter; an unreadable checkpoint is one clear error."""
 import glob
 import os
-import subprocess
 import sys
 
-import pytest
-
+import background
 import train_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,12 +13,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _train(workdir, *overrides):
   # One device, as a user's first run has; the suite's compile-time flags
   # (tests/conftest.py) kept.
-  env = {k: v for k, v in os.environ.items()
-         if k not in ('TF_CPP_MIN_LOG_LEVEL', 'XLA_FLAGS')}
-  env['XLA_FLAGS'] = ' '.join(
-      f for f in os.environ.get('XLA_FLAGS', '').split()
-      if 'device_count' not in f and 'collective' not in f)
-  env['PYTHONPATH'] = REPO
+  xla_flags = ' '.join(f for f in background.env()['XLA_FLAGS'].split()
+                       if 'device_count' not in f and 'collective' not in f)
+  env = {k: v for k, v in background.env(XLA_FLAGS=xla_flags,
+                                         PYTHONPATH=REPO).items()
+         if k != 'TF_CPP_MIN_LOG_LEVEL'}
   # The demo narrowed to the suite's tiny model and size (the console is
   # the same; compiling and training cost less).
   tiny = [f'--config.{k}={v}' for k, v in train_utils.TINY_OVERRIDES.items()
@@ -29,18 +26,25 @@ def _train(workdir, *overrides):
          f'--workdir={workdir}', *tiny, '--config.train.num_steps=30',
          '--config.train.log_every_steps=10',
          '--config.train.checkpoint_every_steps=10', *overrides]
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=900)
+  return background.run(cmd, timeout=900, cwd=REPO, env=env)
 
 
-@pytest.fixture(scope='module')
-def demo(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('demo')
-  return workdir, _train(workdir)
+@background.job
+def demo(tmp):
+  """The demo run (workdir, run), then the same command for 40 steps after
+  its checkpoints' files were cut in half (run)."""
+  first = _train(tmp)
+  files = glob.glob(str(tmp / 'checkpoints' / '*' / 'state' /
+                        'ocdbt.process_*' / 'd' / '*'))
+  for path in files:
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+  second = _train(tmp, '--config.train.num_steps=40') if files else None
+  return tmp, first, files, second
 
 
 def test_demo_console_shows_our_lines_only(demo):
-  _, run = demo
+  run = demo[1]
   out = run.stdout + run.stderr
   assert run.returncode == 0, out[-5000:]
   lines = out.splitlines()
@@ -55,15 +59,9 @@ def test_demo_console_shows_our_lines_only(demo):
 
 
 def test_unreadable_checkpoints_give_one_clear_error(demo):
-  workdir, first = demo
+  workdir, first, files, run = demo
   assert first.returncode == 0
-  files = glob.glob(str(workdir / 'checkpoints' / '*' / 'state' /
-                        'ocdbt.process_*' / 'd' / '*'))
   assert files
-  for path in files:
-    with open(path, 'r+b') as f:
-      f.truncate(os.path.getsize(path) // 2)
-  run = _train(workdir, '--config.train.num_steps=40')
   out = run.stdout + run.stderr
   assert run.returncode == 2, out[-5000:]
   assert 'error: None of the checkpoints under' in run.stderr, out

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -18,21 +17,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from nfnets.checkpoints import run as checkpointing
-from nfnets.training.loop import train_and_evaluate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import background  # noqa: E402
 import train_utils  # noqa: E402
 
 REPO = train_utils.REPO
 TOTAL = train_utils.TOTAL  # steps of the runs compared; checkpoints every 3
-RESUME_AT = 6  # a checkpoint kept by every run (keep_checkpoints=3)
-PMAP = {'parallel.backend': 'pmap', 'parallel.fsdp': False}
-FSDP = {'parallel.backend': 'jit', 'parallel.fsdp': True}
-
-
-# The suite-wide persistent compilation cache (tests/conftest.py) reaches the
-# subprocesses through the environment.
-CACHE_ENV = {}
+FSDP = train_utils.FSDP
 
 
 def _steps(workdir):
@@ -80,19 +72,7 @@ def uninterrupted(tiny_pmap_run, tiny_fsdp_run):
   return runs
 
 
-def _resume_from_copy(src, step, dst, extra):
-  """Copies checkpoint `step` of run `src` into a fresh workdir and trains
-  it to TOTAL with `extra`'s backend."""
-  shutil.copytree(os.path.join(src, 'checkpoints', str(step)),
-                  os.path.join(dst, 'checkpoints', str(step)))
-  train_and_evaluate(train_utils.tiny_config(TOTAL, extra=extra), dst)
-  # Resumed (not restarted): only the steps after `step` were trained.
-  assert [r['step'] for r in _train_records(dst)] == list(
-      range(step + 2, TOTAL + 1, 2))
-  return _state(dst)
-
-
-def test_checkpoints_resume_across_backends(uninterrupted, tmp_path):
+def test_checkpoints_resume_across_backends(uninterrupted, tiny_runs):
   """A pmap checkpoint resumed under jit + FSDP (and the reverse) ends where
   the uninterrupted runs end, params, EMA and optimizer state, to float32
   round-off (the backends reduce gradients over the devices differently:
@@ -100,21 +80,24 @@ def test_checkpoints_resume_across_backends(uninterrupted, tmp_path):
   pmap_end = _state(uninterrupted['pmap'])
   fsdp_end = _state(uninterrupted['fsdp'])
   assert int(pmap_end['step']) == int(fsdp_end['step']) == TOTAL
-  to_fsdp = _resume_from_copy(uninterrupted['pmap'], RESUME_AT,
-                              str(tmp_path / 'pmap_to_fsdp'), FSDP)
-  to_pmap = _resume_from_copy(uninterrupted['fsdp'], RESUME_AT,
-                              str(tmp_path / 'fsdp_to_pmap'), PMAP)
-  for resumed, reference in ((to_fsdp, pmap_end), (to_pmap, fsdp_end),
-                             (to_fsdp, fsdp_end), (to_pmap, pmap_end)):
-    assert int(resumed['step']) == TOTAL
-    assert int(resumed['nonfinite']) == 0
+  resumed = {}
+  for name in train_utils.RESUMES:
+    workdir = tiny_runs[name][0]
+    # Resumed (not restarted): only the steps after RESUMED_AT were trained.
+    assert [r['step'] for r in _train_records(workdir)] == list(
+        range(train_utils.RESUMED_AT + 2, TOTAL + 1, 2)), name
+    resumed[name] = _state(workdir)
+  for name, reference in (('pmap_to_fsdp', pmap_end),
+                          ('fsdp_to_pmap', fsdp_end),
+                          ('pmap_to_fsdp', fsdp_end),
+                          ('fsdp_to_pmap', pmap_end)):
+    assert int(resumed[name]['step']) == TOTAL
+    assert int(resumed[name]['nonfinite']) == 0
     # atol: leaves that are ~0 (fresh biases, momentum of near-zero grads).
-    _assert_close(resumed, reference, rtol=1e-5, atol=1e-6)
+    _assert_close(resumed[name], reference, rtol=1e-5, atol=1e-6)
   # Under the same backend, resuming is bit-exact (pmap here; jit + FSDP
   # after SIGTERM and kill -9 in the next test).
-  _assert_equal(_resume_from_copy(uninterrupted['pmap'], RESUME_AT,
-                                  str(tmp_path / 'pmap_to_pmap'), PMAP),
-                pmap_end)
+  _assert_equal(resumed['pmap_to_pmap'], pmap_end)
 
 
 def _wait_for_checkpoint_after(proc, workdir, step, timeout=400):
@@ -129,6 +112,11 @@ def _wait_for_checkpoint_after(proc, workdir, step, timeout=400):
     time.sleep(0.05)
 
 
+def _train_process(args):
+  return background.popen([sys.executable, '-m', 'nfnets.train'] + args,
+                          cwd=REPO)
+
+
 def _sigterm(proc):
   proc.send_signal(signal.SIGTERM)
   try:
@@ -140,64 +128,82 @@ def _sigterm(proc):
   return out
 
 
-def test_sigterm_then_kill_then_resume_is_bit_exact(uninterrupted, tmp_path):
-  """`python -m nfnets.train` under jit + FSDP (async checkpoints), one
-  workdir: SIGTERM saves the step it reached, says so and exits 0; the same
-  command resumes from that step and is killed with -9 after its next
-  checkpoint; the run then resumes to the end, bit for bit where the
-  uninterrupted run ends (params, EMA, optimizer state)."""
-  workdir = str(tmp_path / 'run')
-  extra = dict(FSDP, **{'train.async_checkpointing': True})
-  args = train_utils.tiny_args(workdir, TOTAL, extra=extra)
-  proc = train_utils.run_train_subprocess(args, env_extra=CACHE_ENV)
-  _wait_for_checkpoint_after(proc, workdir, 0)
-  out = _sigterm(proc)
-  assert 'SIGTERM: checkpointed step' in out, out[-3000:]
-  assert 'Resumed from' not in out
-  stopped = int(out.split('SIGTERM: checkpointed step ')[1].split(';')[0])
-  assert 3 <= stopped < TOTAL and _steps(workdir)[-1] == stopped
-  assert int(_state(workdir)['step']) == stopped
-  # Train metrics every 2 steps, up to the stop, none logged twice.
-  logged = [r['step'] for r in _train_records(workdir)]
-  assert logged == list(range(2, logged[-1] + 1, 2)), logged
-  assert logged[-1] <= stopped
+SIGTERM_EXTRA = dict(FSDP, **{'train.async_checkpointing': True})
 
-  proc = train_utils.run_train_subprocess(args, env_extra=CACHE_ENV)
+
+@background.job
+def sigterm_then_kill(tmp):
+  """`python -m nfnets.train` under jit + FSDP (async checkpoints) in one
+  workdir: SIGTERMed after its first checkpoint, then the same command
+  killed with -9 after its next one, then the same command to the end.
+  Returns the workdir, a copy of it after the SIGTERM, the checkpointed
+  steps after the kill, and the first two runs' exit status and output."""
+  workdir = str(tmp / 'run')
+  args = train_utils.tiny_args(workdir, TOTAL, extra=SIGTERM_EXTRA)
+  proc = _train_process(args)
+  _wait_for_checkpoint_after(proc, workdir, 0)
+  stopped_out = _sigterm(proc)
+  after_sigterm = str(tmp / 'after_sigterm')
+  shutil.copytree(workdir, after_sigterm)
+  proc = _train_process(args)
   try:
-    _wait_for_checkpoint_after(proc, workdir, stopped)
+    _wait_for_checkpoint_after(proc, workdir, _steps(workdir)[-1])
     proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate(timeout=60)
+    killed_out, _ = proc.communicate(timeout=60)
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert proc.returncode == -signal.SIGKILL, out[-3000:]
-  assert (f'Resumed from {os.path.join(workdir, "checkpoints")} at step '
-          f'{stopped}.') in out, out[-3000:]
-  assert stopped < _steps(workdir)[-1] < TOTAL  # killed mid-run
+  after_kill = _steps(workdir)
+  train_utils.train_command(workdir, TOTAL, extra=SIGTERM_EXTRA)
+  return dict(workdir=workdir, after_sigterm=after_sigterm,
+              after_kill=after_kill, stopped_out=stopped_out,
+              killed_status=proc.returncode, killed_out=killed_out)
 
-  train_and_evaluate(train_utils.tiny_config(TOTAL, extra=extra), workdir)
-  assert _steps(workdir)[-1] == TOTAL
-  _assert_equal(_state(workdir), _state(uninterrupted['fsdp']))
+
+def test_sigterm_then_kill_then_resume_is_bit_exact(uninterrupted,
+                                                    sigterm_then_kill):
+  """SIGTERM saves the step the run reached, says so and exits 0; the same
+  command resumes from that step (and is killed with -9 after its next
+  checkpoint); the run then resumes to the end, bit for bit where the
+  uninterrupted run ends (params, EMA, optimizer state)."""
+  run = sigterm_then_kill
+  out = run['stopped_out']
+  assert 'SIGTERM: checkpointed step' in out, out[-3000:]
+  assert 'Resumed from' not in out
+  stopped = int(out.split('SIGTERM: checkpointed step ')[1].split(';')[0])
+  assert 3 <= stopped < TOTAL and _steps(run['after_sigterm'])[-1] == stopped
+  assert int(_state(run['after_sigterm'])['step']) == stopped
+  # Train metrics every 2 steps, up to the stop, none logged twice.
+  logged = [r['step'] for r in _train_records(run['after_sigterm'])]
+  assert logged == list(range(2, logged[-1] + 1, 2)), logged
+  assert logged[-1] <= stopped
+
+  out = run['killed_out']
+  assert run['killed_status'] == -signal.SIGKILL, out[-3000:]
+  assert (f'Resumed from {os.path.join(run["workdir"], "checkpoints")} at '
+          f'step {stopped}.') in out, out[-3000:]
+  assert stopped < run['after_kill'][-1] < TOTAL  # killed mid-run
+
+  assert _steps(run['workdir'])[-1] == TOTAL
+  _assert_equal(_state(run['workdir']), _state(uninterrupted['fsdp']))
 
 
 def _worker(workdir, nproc, pid, port, ndev, emulate, backend):
-  env = dict(os.environ, PYTHONPATH=REPO, **CACHE_ENV)
-  return subprocess.Popen(
+  return background.popen(
       [sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'),
        workdir, str(nproc), str(pid), str(port), str(ndev), str(emulate),
-       backend],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+       backend], env=background.env(PYTHONPATH=REPO))
 
 
-def test_two_processes_equal_one_process(tmp_path):
-  """2 processes x 2 devices train the same model as 1 process x 4 devices
-  reading the same global batches, under pmap and under jit + FSDP (the
-  state sharded across both processes, each writing its shards of the
-  checkpoint). One worker trio runs both backends (one start-up)."""
+@background.job
+def worker_trio(tmp):
+  """(multi, single, [(worker, its output)]): 2 processes x 2 devices train
+  into `multi`, 1 process x 4 devices reading the same global batches into
+  `single`, each under pmap then jit + FSDP (one start-up)."""
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
+  multi, single = str(tmp / 'multi'), str(tmp / 'single')
   procs = [_worker(multi, 2, i, port, 2, 0, 'pmap,fsdp') for i in range(2)]
   procs.append(_worker(single, 1, 0, 0, 4, 2, 'pmap,fsdp'))
   try:
@@ -206,7 +212,16 @@ def test_two_processes_equal_one_process(tmp_path):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for p, out in zip(procs, outs):
+  return multi, single, list(zip(procs, outs))
+
+
+def test_two_processes_equal_one_process(worker_trio):
+  """2 processes x 2 devices train the same model as 1 process x 4 devices
+  reading the same global batches, under pmap and under jit + FSDP (the
+  state sharded across both processes, each writing its shards of the
+  checkpoint)."""
+  multi, single, runs = worker_trio
+  for p, out in runs:
     assert p.returncode == 0, out[-3000:]
     assert 'BACKEND pmap Pmap replicated' in out, out[-3000:]
     assert 'BACKEND fsdp Jit fsdp' in out, out[-3000:]

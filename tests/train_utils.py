@@ -1,6 +1,6 @@
 """Helpers shared by the training tests: a tiny, fast config on digits."""
+import json
 import os
-import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +22,16 @@ TINY_OVERRIDES = {
 
 
 TOTAL = 12  # steps of the shared tiny runs (checkpoints kept: 6, 9, 12)
+PMAP = {'parallel.backend': 'pmap', 'parallel.fsdp': False}
+FSDP = {'parallel.backend': 'jit', 'parallel.fsdp': True}
+# The shared runs' resumes (tests/conftest.py:tiny_runs): checkpoint
+# RESUMED_AT of a run copied into a fresh workdir and trained to TOTAL.
+RESUMED_AT = 6
+RESUMES = {  # name: (the run resumed, under which backend)
+    'pmap_to_fsdp': ('pmap', FSDP),
+    'fsdp_to_pmap': ('fsdp', PMAP),
+    'pmap_to_pmap': ('pmap', PMAP),
+}
 
 
 def tiny_overrides(num_steps=TOTAL, batch_size=16):
@@ -58,9 +68,21 @@ def tiny_args(workdir, num_steps=TOTAL, batch_size=16, extra=None):
           [f'--config.{k}={v}' for k, v in overrides.items()])
 
 
-def run_train_subprocess(args, env_extra=None, **kwargs):
-  env = dict(os.environ)
-  env.update(env_extra or {})
-  return subprocess.Popen([sys.executable, '-m', 'nfnets.train'] + args,
-                          cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **kwargs)
+def train_command(workdir, num_steps=TOTAL, batch_size=16, extra=None):
+  """Runs `python -m nfnets.train` on tiny_config(num_steps, batch_size,
+  extra) into `workdir` (from a background job, tests/background.py);
+  returns the final evaluation's results, as train_and_evaluate would."""
+  import background  # pylint: disable=g-import-not-at-top
+  run = background.run(
+      [sys.executable, '-m', 'nfnets.train'] +
+      tiny_args(str(workdir), num_steps, batch_size, extra),
+      timeout=900, cwd=REPO, env=background.env(PYTHONPATH=REPO))
+  assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+  return final_eval(workdir)
+
+
+def final_eval(workdir):
+  """The last evaluation record of WORKDIR/metrics.jsonl."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    evals = [r for r in map(json.loads, f) if 'eval/count' in r]
+  return evals[-1]
