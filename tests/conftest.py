@@ -52,8 +52,9 @@ def pytest_collection_finish(session):
 
 
 def pytest_terminal_summary(terminalreporter):
-  if background.summary():
-    terminalreporter.write_line(background.summary())
+  line = background.summary()
+  if line:
+    terminalreporter.write_line(line)
 
 
 def pytest_sessionfinish():

@@ -112,11 +112,6 @@ def _wait_for_checkpoint_after(proc, workdir, step, timeout=400):
     time.sleep(0.05)
 
 
-def _train_process(args):
-  return background.popen([sys.executable, '-m', 'nfnets.train'] + args,
-                          cwd=REPO)
-
-
 def _sigterm(proc):
   proc.send_signal(signal.SIGTERM)
   try:
@@ -139,13 +134,12 @@ def sigterm_then_kill(tmp):
   Returns the workdir, a copy of it after the SIGTERM, the checkpointed
   steps after the kill, and the first two runs' exit status and output."""
   workdir = str(tmp / 'run')
-  args = train_utils.tiny_args(workdir, TOTAL, extra=SIGTERM_EXTRA)
-  proc = _train_process(args)
+  proc = train_utils.train_process(workdir, TOTAL, extra=SIGTERM_EXTRA)
   _wait_for_checkpoint_after(proc, workdir, 0)
   stopped_out = _sigterm(proc)
   after_sigterm = str(tmp / 'after_sigterm')
   shutil.copytree(workdir, after_sigterm)
-  proc = _train_process(args)
+  proc = train_utils.train_process(workdir, TOTAL, extra=SIGTERM_EXTRA)
   try:
     _wait_for_checkpoint_after(proc, workdir, _steps(workdir)[-1])
     proc.send_signal(signal.SIGKILL)

@@ -68,16 +68,27 @@ def tiny_args(workdir, num_steps=TOTAL, batch_size=16, extra=None):
           [f'--config.{k}={v}' for k, v in overrides.items()])
 
 
-def train_command(workdir, num_steps=TOTAL, batch_size=16, extra=None):
-  """Runs `python -m nfnets.train` on tiny_config(num_steps, batch_size,
-  extra) into `workdir` (from a background job, tests/background.py);
-  returns the final evaluation's results, as train_and_evaluate would."""
+def train_process(workdir, num_steps=TOTAL, batch_size=16, extra=None):
+  """`python -m nfnets.train` on tiny_config(num_steps, batch_size, extra)
+  into `workdir`, started by a background job (tests/background.py); output
+  and errors in proc.stdout."""
   import background  # pylint: disable=g-import-not-at-top
-  run = background.run(
+  return background.popen(
       [sys.executable, '-m', 'nfnets.train'] +
       tiny_args(str(workdir), num_steps, batch_size, extra),
-      timeout=900, cwd=REPO, env=background.env(PYTHONPATH=REPO))
-  assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+      cwd=REPO, env=background.env(PYTHONPATH=REPO))
+
+
+def train_command(workdir, num_steps=TOTAL, batch_size=16, extra=None):
+  """Runs train_process(...) to its end; returns the final evaluation's
+  results, as train_and_evaluate would."""
+  proc = train_process(workdir, num_steps, batch_size, extra)
+  try:
+    out, _ = proc.communicate(timeout=900)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, out[-3000:]
   return final_eval(workdir)
 
 
