@@ -11,7 +11,7 @@ core idle. A test module declares such a run as a job:
 and its tests request `demo_run` like a (session-scoped) fixture. Once
 collection is done (conftest.py), the jobs that the selected tests request
 start on one worker thread, in the order the tests will need them, and the
-modules using jobs run last: by then the results are usually ready. The
+tests using jobs run last: by then the results are usually ready. The
 fixture returns the job's result or raises its exception.
 
 A job starts processes and reads files only: no JAX in the worker thread
@@ -156,13 +156,11 @@ def _schedule(name):
 
 
 def reorder(items):
-  """Moves the modules whose tests use a job to the end of `items` (pytest's
-  collected items, in place), each module's tests kept together and in
-  order."""
-  late = {item.module for item in items
-          if _jobs_of(item) and getattr(item, 'module', None)}
-  items[:] = ([i for i in items if getattr(i, 'module', None) not in late] +
-              [i for i in items if getattr(i, 'module', None) in late])
+  """Moves the tests that use a job to the end of `items` (pytest's collected
+  items, in place), both groups in their order: the in-process tests of
+  every module run while the jobs do."""
+  late = [i for i in items if _jobs_of(i)]
+  items[:] = [i for i in items if not _jobs_of(i)] + late
 
 
 def start(items):

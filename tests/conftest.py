@@ -12,6 +12,11 @@ _FLAGS = ('--xla_force_host_platform_device_count=8 '
 if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FLAGS).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Nothing here uses Keras, yet `import tensorflow` imports Keras 3's
+# optimizers eagerly (~2 CPU-s in each of the suite's ~30 processes). Asked
+# for the legacy tf_keras instead, which is not installed, TensorFlow skips
+# that import (tf.keras alone would then fail, and nothing touches it).
+os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
 # One persistent XLA compilation cache for the whole session, in this process
 # and (through the environment) in the training subprocesses: the tests
@@ -30,6 +35,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 
+import gc  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
@@ -59,6 +65,12 @@ def pytest_terminal_summary(terminalreporter):
 
 def pytest_sessionfinish():
   background.close()
+  # pytest's unraisable-exception check ends the session with five full
+  # garbage collections, seconds each over the heap the suite leaves. One
+  # collection here still finalises what the tests left (pytest reports any
+  # error raised on the way); the survivors are then frozen out of the rest.
+  gc.collect()
+  gc.freeze()
 
 
 # The shared tiny runs (train_utils.RESUMES), read-only.

@@ -69,8 +69,15 @@ def state_as_mapping(state) -> Dict[str, Any]:
 
 
 def _save_leaf(x):
-  """jax.Arrays (any sharding) are saved as they are, without a gather."""
-  if isinstance(x, jax.Array) or isinstance(x, np.ndarray):
+  """Sharded jax.Arrays are saved as they are (each host writes its shards,
+  no gather). A replicated one is saved as numpy from this host's copy, as
+  pmap states are: orbax would split its write over the replicas, compiling
+  a slice per device and shape (FSDP's many small replicated leaves)."""
+  if isinstance(x, jax.Array):
+    if x.is_fully_replicated and len(x.sharding.device_set) > 1:
+      return np.asarray(x.addressable_data(0))
+    return x
+  if isinstance(x, np.ndarray):
     return x
   return np.asarray(x)
 
@@ -218,7 +225,8 @@ class RunCheckpointer:
       step: the step number (the checkpoint's name).
       state: TrainState or mapping with the STATE_FIELDS, in its logical
         (unstacked) form; leaves are host numpy or jax.Arrays of any
-        sharding, saved without gathering (each host writes its shards).
+        sharding, saved without gathering (each host writes its shards;
+        replicated arrays are written once).
       meta: what the state belongs to ('model', 'num_classes', ...).
     Raises:
       CheckpointSaveError: this or an earlier async save failed.
