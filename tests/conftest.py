@@ -14,8 +14,9 @@ if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Nothing here uses Keras, yet `import tensorflow` imports Keras 3's
 # optimizers eagerly (~2 CPU-s in each of the suite's ~30 processes). Asked
-# for the legacy tf_keras instead, which is not installed, TensorFlow skips
-# that import (tf.keras alone would then fail, and nothing touches it).
+# for the legacy tf_keras instead, which the package does not install,
+# TensorFlow skips that import (tf.keras alone would then fail; nothing
+# touches it).
 os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
 # One persistent XLA compilation cache for the whole session, in this process
