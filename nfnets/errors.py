@@ -1,12 +1,15 @@
 """The one error type for mistakes a user can fix (config, dataset, split,
 image folder, checkpoint, class count).
 
-`python -m nfnets.train` (and scripts/eval.py) catch `UserError` once and
-print it as one line, `error: ...`, exit status 2; with
+`python -m nfnets.train` and scripts/ (eval, export, convert_checkpoint)
+catch `UserError` once and print it as one line, `error: ...`, exit status
+`EXIT_STATUS` (2, as argparse exits on a bad flag); with
 `--config.train.log_level=debug` the traceback is shown too. Anything else
 is a bug and keeps its traceback. A `UserError` is a `ValueError`, so code
 that caught ValueError keeps working.
 """
+
+EXIT_STATUS = 2
 
 
 class UserError(ValueError):

@@ -131,7 +131,7 @@ def report(error: BaseException, debug: bool) -> None:
   sys.stdout.flush()
   sys.stderr.write(f'error: {errors.one_line(error)}\n')
   sys.stderr.flush()
-  sys.exit(2)
+  sys.exit(errors.EXIT_STATUS)
 
 
 def _flag_error_message(error: Exception, argv) -> str:
@@ -168,7 +168,7 @@ def parse_flags(argv):
     if debug:
       traceback.print_exception(e)
     sys.stderr.write(f'error: {_flag_error_message(e, argv)}\n')
-    sys.exit(2)
+    sys.exit(errors.EXIT_STATUS)
 
 
 def main(argv):

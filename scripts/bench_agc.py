@@ -22,13 +22,13 @@ import json
 import statistics
 import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import nfnets.models as models  # noqa: E402
-import nfnets.optim as nfo  # noqa: E402
+import nfnets.models as models
+import nfnets.optim as nfo
 
 
 def _block(x):

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from nfnets import config as config_lib
+from nfnets import runtime
 from nfnets.data import pipeline
 from nfnets.data import sources
 
@@ -194,6 +195,9 @@ def main():
   parser.add_argument('--breakdown', action='store_true',
                       help="also split the device path's host CPU time by stage")
   args = parser.parse_args()
+  # TF only feeds the pipeline: on a GPU machine it must not reserve the GPU
+  # memory that --device_cost's JAX needs.
+  runtime.keep_tensorflow_off_accelerators()
 
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   threads = args.threads or sorted({1, cores})

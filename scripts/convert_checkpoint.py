@@ -22,7 +22,8 @@ import json
 import os
 import sys
 
-import nfnets.checkpoints as C  # noqa: E402
+import nfnets.checkpoints as C
+from nfnets import errors
 
 
 def parse_args(argv=None):
@@ -61,15 +62,15 @@ def main(argv=None) -> int:
                                which=args.which, model_kwargs=model_kwargs,
                                check_release=False)
   except C.CheckpointError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    print(f'error: {errors.one_line(e)}', file=sys.stderr)
+    return errors.EXIT_STATUS
   summary = C.summarize(params)
   variant = args.variant or C.infer_variant(params)
   print(f'read {args.input}: {variant}, {summary.describe()}')
   for out in (args.output, args.torch_out):
     if out and os.path.exists(out) and not args.overwrite:
       print(f'error: {out} exists (use --overwrite)', file=sys.stderr)
-      return 1
+      return errors.EXIT_STATUS
   if args.output:
     if args.format == 'npz':
       C.save_npz(params, args.output)

@@ -28,13 +28,14 @@ import sys
 import time
 from typing import Any, Dict, Mapping, Optional
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
+import jax
+import jax.numpy as jnp
+import ml_collections
 
-import nfnets.checkpoints as C  # noqa: E402
-import nfnets.models as M  # noqa: E402
-from nfnets import runtime  # noqa: E402
+import nfnets.checkpoints as C
+import nfnets.models as M
+from nfnets import errors
+from nfnets import runtime
 
 _EVAL_SPLIT = {'imagenet2012': 'validation', 'digits': 'test',
                'fake': 'validation'}
@@ -174,8 +175,8 @@ def main(argv=None) -> int:
     params = C.load_pretrained(args.checkpoint, args.variant, which=args.params,
                                model_kwargs=model_kwargs)
   except C.CheckpointError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    print(f'error: {errors.one_line(e)}', file=sys.stderr)
+    return errors.EXIT_STATUS
   variant = args.variant or C.infer_variant(params)
   image_size = args.image_size or (
       32 if args.dataset == 'digits' else M.get_variant(variant).test_size)
@@ -187,8 +188,8 @@ def main(argv=None) -> int:
                    log_every=args.log_every, compute_dtype=args.compute_dtype,
                    backend=args.backend)
   except (FileNotFoundError, ValueError) as e:  # e.g. DatasetNotPreparedError
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    print(f'error: {errors.one_line(e)}', file=sys.stderr)
+    return errors.EXIT_STATUS
   res.update(checkpoint=args.checkpoint, variant=variant,
              compute_dtype=args.compute_dtype,
              dataset=args.dataset, split=data_config.eval_split,

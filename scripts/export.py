@@ -15,13 +15,10 @@ skips that).
 """
 import argparse
 import json
-import os
 import sys
 
-if __package__ in (None, ''):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nfnets import runtime  # noqa: E402
+from nfnets import errors
+from nfnets import runtime
 
 
 def parse_args(argv=None):
@@ -55,7 +52,7 @@ def main(argv=None) -> int:
     model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
   except ValueError as e:
     print(f'error: --model_kwargs is not JSON ({e})', file=sys.stderr)
-    return 1
+    return errors.EXIT_STATUS
   try:
     out = export_lib.export(args.checkpoint, args.variant, args.format,
                             args.out, image_size=args.image_size,
@@ -64,8 +61,8 @@ def main(argv=None) -> int:
                             verify=not args.no_verify)
   except (checkpoints.CheckpointError, FileNotFoundError, ValueError,
           ImportError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    print(f'error: {errors.one_line(e)}', file=sys.stderr)
+    return errors.EXIT_STATUS
   checked = '' if args.no_verify else ' (checked against the Haiku model)'
   print(f'Wrote {args.format} export to {out}{checked}.')
   return 0

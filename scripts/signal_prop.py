@@ -19,8 +19,8 @@ from typing import Dict, List
 import jax
 import jax.numpy as jnp
 
-import nfnets.models as M  # noqa: E402
-from nfnets.models import layers  # noqa: E402
+import nfnets.models as M
+from nfnets.models import layers
 
 
 def compute(model: str, image_size: int = 64, batch_size: int = 8,

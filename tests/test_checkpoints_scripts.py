@@ -53,8 +53,10 @@ def test_convert_released_to_npz_orbax_torch(tmp_path, capsys):
   assert 'wrote' in out and 'timm dm_nfnet' in out
   for path in (npz, orbax, torch_npz):
     assert _equal(src, C.load_pretrained(path, 'F0', model_kwargs=TINY)), path
-  # Refuses to overwrite.
-  assert convert.main(common + ['--output', npz]) == 1
+  # Refuses to overwrite: a user's mistake, one line and status 2.
+  assert convert.main(common + ['--output', npz]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1, err
 
 
 def test_convert_refuses_unsafe_pickle(tmp_path, capsys):
@@ -67,7 +69,7 @@ def test_convert_refuses_unsafe_pickle(tmp_path, capsys):
   bad = tmp_path / 'F0_haiku.npz'
   bad.write_bytes(pickle.dumps({'NFNet/~/linear': {'w': Evil()}}))
   assert convert.main(['--input', str(bad), '--output',
-                       str(tmp_path / 'o.npz')]) == 1
+                       str(tmp_path / 'o.npz')]) == 2
   assert "'posix.system'" in capsys.readouterr().err or os.name != 'posix'
   assert not sentinel.exists() and not (tmp_path / 'o.npz').exists()
 
@@ -106,4 +108,6 @@ def test_eval_cli_on_fake(tmp_path, capsys):
   # A bad checkpoint is an error message, not a traceback.
   bad = tmp_path / 'bad.npz'
   bad.write_bytes(b'\x80\x04garbage')
-  assert evaluate.main(['--checkpoint', str(bad), '--dataset', 'fake']) == 1
+  assert evaluate.main(['--checkpoint', str(bad), '--dataset', 'fake']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1, err

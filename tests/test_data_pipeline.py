@@ -9,8 +9,8 @@ import pytest
 from nfnets import config as config_lib
 from nfnets import data
 from nfnets.data import digits
-from nfnets.data import pipeline
 from nfnets.data import preprocess
+from nfnets.data import splits
 
 import background
 
@@ -309,12 +309,12 @@ def test_config_errors(digits_dir):
 
 def test_split_arithmetic():
   pieces = [('train', 10, 20), ('validation', 0, 5)]
-  assert pipeline.slice_pieces(pieces, 8, 13) == [('train', 18, 20), ('validation', 0, 3)]
+  assert splits.slice_pieces(pieces, 8, 13) == [('train', 18, 20), ('validation', 0, 3)]
   for n, count in [(10, 3), (300, 7), (5, 8)]:
-    ranges = [pipeline.eval_host_range(n, p, count) for p in range(count)]
+    ranges = [splits.eval_host_range(n, p, count) for p in range(count)]
     assert ranges[0][0] == 0 and ranges[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-    train = [pipeline.train_host_range(n, p, count) for p in range(count)]
+    train = [splits.train_host_range(n, p, count) for p in range(count)]
     assert len({b - a for a, b in train}) == 1
 
 

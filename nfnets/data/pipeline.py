@@ -82,10 +82,9 @@ from nfnets.data import preprocess
 from nfnets.data import sources as sources_lib
 from nfnets.data import splits as splits_lib
 from nfnets.data import train_stages as stages
-from nfnets.data.sources import DatasetNotPreparedError  # pylint: disable=unused-import
-from nfnets.data.sources import get_source, num_classes, num_examples  # pylint: disable=unused-import
-from nfnets.data.splits import (eval_host_range, pieces_len, resolve_split,  # pylint: disable=unused-import
-                                slice_pieces, train_host_range)
+from nfnets.data.sources import get_source
+from nfnets.data.splits import (eval_host_range, pieces_len, resolve_split,
+                                slice_pieces)
 
 AUTOTUNE = tf.data.AUTOTUNE
 _no_autograph = sources_lib.no_autograph

@@ -12,8 +12,6 @@ the backend.
     over a 1-D mesh of all devices of all hosts; with fsdp=True the state is
     sharded over the mesh.
 """
-from typing import Any
-
 import jax
 import numpy as np
 
