@@ -2,10 +2,12 @@
 fsdp=True) against the replicated 'jit' step, 8 fake CPU devices."""
 import functools
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import PartitionSpec as P
 
 import nfnets.models as M
@@ -100,6 +102,50 @@ def test_fsdp_step_equals_replicated_step():
   for path, spec in flat:
     if fsdp.is_sharded(spec):
       assert tuple(spec)[-1] == parallel.AXIS and len(spec) >= 2, path
+
+
+def _tanh_linear():
+  """A classifier small enough to compile in a second, whose loss is not
+  quadratic (so SAM's gradient differs from the plain one)."""
+  def model(images, is_training):
+    del is_training
+    x = jnp.tanh(images.reshape(images.shape[0], -1))
+    return {'logits': hk.Linear(8, name='linear')(x)}
+  return hk.transform(model)
+
+
+def test_sam_step_equals_its_definition_on_every_layout():
+  """sam_rho > 0 under pmap, jit and jit + FSDP (the kernel sharded): one
+  SGD step lands on params - lr * grad L(params + rho g / |g|), g = grad
+  L(params) of the global batch, computed here on the host."""
+  fwd = _tanh_linear()
+  rng = np.random.RandomState(2)
+  images = rng.randn(_BATCH, 4, 4, 3).astype(np.float32)
+  labels = np.eye(8, dtype=np.float32)[rng.randint(0, 8, _BATCH)]
+  params = jax.tree.map(np.asarray, fwd.init(jax.random.PRNGKey(0),
+                                             images[:1], True))
+  lr, rho = 0.5, 0.3
+  loss = lambda p: jnp.mean(optax.softmax_cross_entropy(
+      fwd.apply(p, None, images, True)['logits'], labels))
+  g = jax.grad(loss)(params)
+  norm = np.sqrt(sum(float(jnp.sum(x ** 2)) for x in jax.tree.leaves(g)))
+  g_sam = jax.grad(loss)(jax.tree.map(lambda p, d: p + rho * d / norm,
+                                      params, g))
+  want = jax.tree.map(lambda p, d: p - lr * d, params, g_sam)
+  plain = jax.tree.map(lambda p, d: p - lr * d, params, g)
+  assert np.abs(want['linear']['w'] - plain['linear']['w']).max() > 1e-4
+  tx = optax.sgd(lr)
+  train = step_lib.make_train_step(fwd, tx, ema_decay=0.0, sam_rho=rho)
+  batch = {'images': images, 'labels': labels}
+  for dp in (parallel.Pmap(jax.local_devices()), _dp(False),
+             _dp(True, min_shard_size=8)):
+    state = dp.put_state(state_lib.create(params, tx))
+    if getattr(dp, 'fsdp', False):  # the FSDP branch is the one exercised
+      assert fsdp.is_sharded(state.params['linear']['w'].sharding.spec)
+    state, _ = dp.train_step(train)(state, dp.put_batch_now(batch),
+                                    np.asarray(jax.random.PRNGKey(1)))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(
+        x, y, rtol=1e-5, atol=1e-6), dp.get_state(state).params, want)
 
 
 def test_unit_axis_spec():

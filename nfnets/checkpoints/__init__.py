@@ -20,13 +20,15 @@ from nfnets.checkpoints.errors import (CheckpointError,
                                        TruncatedCheckpointError,
                                        UnsafeCheckpointError,
                                        VariantMismatchError)
-from nfnets.checkpoints.released import (CLASSIFIER, NPZ_FORMAT, ModuleMatcher,
-                                         TreeSummary, flatten, infer_variant,
-                                         init_from_checkpoint, load_pretrained,
-                                         merge_into, read_params, save_npz,
-                                         save_orbax, ORBAX_FORMAT,
-                                         summarize, trainable_mask, unflatten,
-                                         validate_params)
+from nfnets.checkpoints.formats import (NPZ_FORMAT, ORBAX_FORMAT, flatten,
+                                        read_params, save_npz, save_orbax,
+                                        unflatten)
+from nfnets.checkpoints.pretrained import (CLASSIFIER, ModuleMatcher,
+                                           TreeSummary, infer_variant,
+                                           init_from_checkpoint,
+                                           load_pretrained, merge_into,
+                                           summarize, trainable_mask,
+                                           validate_params)
 from nfnets.checkpoints.release_files import (RELEASED_MD5, ReleaseCheck,
                                               ReleaseChecksumWarning,
                                               check_file, file_md5)
