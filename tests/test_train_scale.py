@@ -139,15 +139,24 @@ def sigterm_then_kill(tmp):
   stopped_out = _sigterm(proc)
   after_sigterm = str(tmp / 'after_sigterm')
   shutil.copytree(workdir, after_sigterm)
-  proc = train_utils.train_process(workdir, TOTAL, extra=SIGTERM_EXTRA)
-  try:
-    _wait_for_checkpoint_after(proc, workdir, _steps(workdir)[-1])
-    proc.send_signal(signal.SIGKILL)
-    killed_out, _ = proc.communicate(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  after_kill = _steps(workdir)
+  stopped = _steps(workdir)[-1]
+  # On a loaded machine the run can reach its end before the kill lands
+  # (two async checkpoints 3 steps apart): then the same command is killed
+  # again from the SIGTERMed workdir.
+  for _ in range(3):
+    shutil.rmtree(workdir)
+    shutil.copytree(after_sigterm, workdir)
+    proc = train_utils.train_process(workdir, TOTAL, extra=SIGTERM_EXTRA)
+    try:
+      _wait_for_checkpoint_after(proc, workdir, stopped)
+      proc.send_signal(signal.SIGKILL)
+      killed_out, _ = proc.communicate(timeout=60)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    after_kill = _steps(workdir)
+    if after_kill[-1] < TOTAL:
+      break
   train_utils.train_command(workdir, TOTAL, extra=SIGTERM_EXTRA)
   return dict(workdir=workdir, after_sigterm=after_sigterm,
               after_kill=after_kill, stopped_out=stopped_out,
