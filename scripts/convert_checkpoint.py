@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     params = C.load_pretrained(args.input, args.variant, args.num_classes,
                                which=args.which, model_kwargs=model_kwargs,
                                check_release=False)
-  except C.CheckpointError as e:
+  except (C.CheckpointError, FileNotFoundError) as e:
     print(f'error: {errors.one_line(e)}', file=sys.stderr)
     return errors.EXIT_STATUS
   summary = C.summarize(params)

@@ -174,7 +174,7 @@ def main(argv=None) -> int:
   try:
     params = C.load_pretrained(args.checkpoint, args.variant, which=args.params,
                                model_kwargs=model_kwargs)
-  except C.CheckpointError as e:
+  except (C.CheckpointError, FileNotFoundError) as e:
     print(f'error: {errors.one_line(e)}', file=sys.stderr)
     return errors.EXIT_STATUS
   variant = args.variant or C.infer_variant(params)

@@ -108,6 +108,7 @@ def test_eval_cli_on_fake(tmp_path, capsys):
   # A bad checkpoint is an error message, not a traceback.
   bad = tmp_path / 'bad.npz'
   bad.write_bytes(b'\x80\x04garbage')
-  assert evaluate.main(['--checkpoint', str(bad), '--dataset', 'fake']) == 2
-  err = capsys.readouterr().err
-  assert err.startswith('error: ') and err.count('\n') == 1, err
+  for path in (bad, tmp_path / 'missing.npz'):
+    assert evaluate.main(['--checkpoint', str(path), '--dataset', 'fake']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1, err
