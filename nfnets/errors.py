@@ -9,6 +9,8 @@ is a bug and keeps its traceback. A `UserError` is a `ValueError`, so code
 that caught ValueError keeps working.
 """
 
+import sys
+
 EXIT_STATUS = 2
 
 
@@ -24,6 +26,15 @@ class DataError(UserError):
   """The dataset, image folder or split asked for does not exist or fit."""
 
 
-def one_line(error: BaseException) -> str:
-  """The message of `error` on one line (its lines joined)."""
+def one_line(error) -> str:
+  """The message of `error` (an exception or a string) on one line (its
+  lines joined)."""
   return ' '.join(l.strip() for l in str(error).splitlines() if l.strip())
+
+
+def report(error) -> int:
+  """Writes `error` (an exception or a message) to stderr as one line,
+  `error: ...`, and returns `EXIT_STATUS` for the caller to exit with."""
+  sys.stderr.write(f'error: {one_line(error)}\n')
+  sys.stderr.flush()
+  return EXIT_STATUS

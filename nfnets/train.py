@@ -129,9 +129,7 @@ def report(error: BaseException, debug: bool) -> None:
   if debug:
     traceback.print_exception(error)
   sys.stdout.flush()
-  sys.stderr.write(f'error: {errors.one_line(error)}\n')
-  sys.stderr.flush()
-  sys.exit(errors.EXIT_STATUS)
+  sys.exit(errors.report(error))
 
 
 def _flag_error_message(error: Exception, argv) -> str:
@@ -167,8 +165,7 @@ def parse_flags(argv):
     debug = '--config.train.log_level=debug' in argv
     if debug:
       traceback.print_exception(e)
-    sys.stderr.write(f'error: {_flag_error_message(e, argv)}\n')
-    sys.exit(errors.EXIT_STATUS)
+    sys.exit(errors.report(_flag_error_message(e, argv)))
 
 
 def main(argv):

@@ -62,15 +62,13 @@ def main(argv=None) -> int:
                                which=args.which, model_kwargs=model_kwargs,
                                check_release=False)
   except (C.CheckpointError, FileNotFoundError) as e:
-    print(f'error: {errors.one_line(e)}', file=sys.stderr)
-    return errors.EXIT_STATUS
+    return errors.report(e)
   summary = C.summarize(params)
   variant = args.variant or C.infer_variant(params)
   print(f'read {args.input}: {variant}, {summary.describe()}')
   for out in (args.output, args.torch_out):
     if out and os.path.exists(out) and not args.overwrite:
-      print(f'error: {out} exists (use --overwrite)', file=sys.stderr)
-      return errors.EXIT_STATUS
+      return errors.report(f'{out} exists (use --overwrite)')
   if args.output:
     if args.format == 'npz':
       C.save_npz(params, args.output)

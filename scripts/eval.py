@@ -175,8 +175,7 @@ def main(argv=None) -> int:
     params = C.load_pretrained(args.checkpoint, args.variant, which=args.params,
                                model_kwargs=model_kwargs)
   except (C.CheckpointError, FileNotFoundError) as e:
-    print(f'error: {errors.one_line(e)}', file=sys.stderr)
-    return errors.EXIT_STATUS
+    return errors.report(e)
   variant = args.variant or C.infer_variant(params)
   image_size = args.image_size or (
       32 if args.dataset == 'digits' else M.get_variant(variant).test_size)
@@ -188,8 +187,7 @@ def main(argv=None) -> int:
                    log_every=args.log_every, compute_dtype=args.compute_dtype,
                    backend=args.backend)
   except (FileNotFoundError, ValueError) as e:  # e.g. DatasetNotPreparedError
-    print(f'error: {errors.one_line(e)}', file=sys.stderr)
-    return errors.EXIT_STATUS
+    return errors.report(e)
   res.update(checkpoint=args.checkpoint, variant=variant,
              compute_dtype=args.compute_dtype,
              dataset=args.dataset, split=data_config.eval_split,

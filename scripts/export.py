@@ -51,8 +51,7 @@ def main(argv=None) -> int:
   try:
     model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
   except ValueError as e:
-    print(f'error: --model_kwargs is not JSON ({e})', file=sys.stderr)
-    return errors.EXIT_STATUS
+    return errors.report(f'--model_kwargs is not JSON ({e})')
   try:
     out = export_lib.export(args.checkpoint, args.variant, args.format,
                             args.out, image_size=args.image_size,
@@ -61,8 +60,7 @@ def main(argv=None) -> int:
                             verify=not args.no_verify)
   except (checkpoints.CheckpointError, FileNotFoundError, ValueError,
           ImportError) as e:
-    print(f'error: {errors.one_line(e)}', file=sys.stderr)
-    return errors.EXIT_STATUS
+    return errors.report(e)
   checked = '' if args.no_verify else ' (checked against the Haiku model)'
   print(f'Wrote {args.format} export to {out}{checked}.')
   return 0
