@@ -1,6 +1,6 @@
 """Subprocess runs started when the session starts, awaited by their tests.
 
-Some tests mostly wait on other processes (a training command, a trio of
+Some tests mostly wait on other processes (a training command, a pair of
 multi-process workers, start-up error runs). Run in turn, each wait leaves a
 core idle. A test module declares such a run as a job:
 

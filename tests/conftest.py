@@ -80,8 +80,9 @@ def tiny_runs(tmp):
   """{name: (workdir, final eval results)}: TOTAL steps of train_utils'
   config under pmap ('pmap', logging every step) and under jit + FSDP
   ('fsdp', every 3 steps), checkpoints at 6, 9, 12; then the resumes of
-  train_utils.RESUMES. Trained in turn in one process
-  (tests/train_runs_worker.py)."""
+  train_utils.RESUMES; then 'hosts', under pmap on the global batches of
+  train_utils.HOSTS hosts. Trained in turn in one process
+  (tests/train_runs_worker.py), whose later runs reuse the compiled steps."""
   runs = [dict(name='pmap', extra=dict(train_utils.PMAP,
                                        **{'train.log_every_steps': 1})),
           dict(name='fsdp', extra=dict(train_utils.FSDP,
@@ -89,6 +90,8 @@ def tiny_runs(tmp):
   for name, (src, extra) in train_utils.RESUMES.items():
     runs.append(dict(name=name, extra=extra, resume_from=str(
         tmp / src / 'checkpoints' / str(train_utils.RESUMED_AT))))
+  runs.append(dict(name='hosts', extra=train_utils.PMAP,
+                   hosts=train_utils.HOSTS))
   for run in runs:
     run['workdir'] = str(tmp / run['name'])
   with open(tmp / 'runs.json', 'w') as f:

@@ -1,13 +1,13 @@
 """One process of a multi-process CPU training run (test_train_scale).
 
-  python tests/multihost_worker.py WORKDIR NUM_PROCESSES PROCESS_ID PORT DEVICES [EMULATE [BACKENDS]]
+  python tests/multihost_worker.py WORKDIR NUM_PROCESSES PROCESS_ID PORT DEVICES [BACKENDS]
 
-With EMULATE=N (single process only), the train batches are the
-concatenation of what N hosts with DEVICES/N devices each would read, so a
-1-process run sees exactly the global batches of an N-process run.
-BACKENDS: comma-separated, each trained in turn into WORKDIR/BACKEND, in one
-process (one distributed start-up for all): 'pmap' (default), 'jit', or
-'fsdp' (jit with the state sharded over the devices of all processes).
+Trains train_utils.tiny_config() (TOTAL steps, the shared runs' config of
+tests/conftest.py, checkpoints every 6 steps) with DEVICES devices per
+process. BACKENDS: comma-separated, each trained in turn into
+WORKDIR/BACKEND, in one process (one distributed start-up for all): 'pmap'
+(default), 'jit', or 'fsdp' (jit with the state sharded over the devices of
+all processes).
 """
 import os
 import sys
@@ -26,25 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_utils  # noqa: E402
 
 
-def _emulate_hosts(hosts):
-  import numpy as np
-  from nfnets import data
-  single_host = data.create_train_iterator
-
-  def create_train_iterator(cfg, *, global_batch_size, seed, start_step=0,
-                            source=None):
-    its = [single_host(cfg, global_batch_size=global_batch_size, seed=seed,
-                       start_step=start_step, process_index=i,
-                       process_count=hosts, source=source)
-           for i in range(hosts)]
-    while True:
-      parts = [next(it) for it in its]
-      yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  data.create_train_iterator = create_train_iterator
-
-
 def _config(backend):
-  config = train_utils.tiny_config(num_steps=4, batch_size=16)
+  config = train_utils.tiny_config(
+      extra={'train.checkpoint_every_steps': 6})
   config.unlock()
   config.parallel.backend = 'pmap' if backend == 'pmap' else 'jit'
   config.parallel.fsdp = backend == 'fsdp'
@@ -55,11 +39,8 @@ def _config(backend):
 
 def main():
   workdir, nproc, pid, port, ndev = sys.argv[1:6]
-  emulate = int(sys.argv[6]) if len(sys.argv) > 6 else 0
-  backends = (sys.argv[7] if len(sys.argv) > 7 else 'pmap').split(',')
+  backends = (sys.argv[6] if len(sys.argv) > 6 else 'pmap').split(',')
   jax.config.update('jax_num_cpu_devices', int(ndev))
-  if emulate:
-    _emulate_hosts(emulate)
   if int(nproc) > 1:
     # Initialised here with generous timeouts (a slow process start), then
     # one tiny collective while the processes are in step (initialize

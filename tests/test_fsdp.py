@@ -5,81 +5,31 @@ import functools
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-import nfnets.models as M
-from nfnets import optim
 from nfnets.training import fsdp
 from nfnets.training import parallel
 from nfnets.training import parallel_jit
 from nfnets.training import state as state_lib
 from nfnets.training import step as step_lib
 
-_CLASSES, _BATCH, _SIZE, _STEPS = 16, 16, 16, 3
-# Stochastic depth and dropout on: per-device rngs must match the replicated
-# step's.
-_TINY = dict(width=0.0625, depth=(1, 1, 1, 1), group_size=8, drop_rate=0.2,
-             stochdepth_rate=0.1)
+import tiny_steps
 
 
-def _dp(fsdp_on, min_shard_size=256):
-  """The 'jit' backend; a tiny model's kernels are sharded from 256
-  elements (the default, fsdp.MIN_SHARD_SIZE, would replicate most)."""
+def _dp(fsdp_on, min_shard_size=tiny_steps.MIN_SHARD_SIZE):
   return parallel_jit.Jit(fsdp=fsdp_on, min_shard_size=min_shard_size)
-
-
-def _dp_config(fsdp_on):
-  return parallel.make(ml_collections.ConfigDict(
-      dict(backend='jit', fsdp=fsdp_on)))
-
-
-@functools.lru_cache(maxsize=None)
-def _setup():
-  fwd = M.forward_fn('F0', num_classes=_CLASSES, **_TINY)
-  rng = np.random.RandomState(0)
-  images = rng.randn(_STEPS, _BATCH, _SIZE, _SIZE, 3).astype(np.float32)
-  labels = np.eye(_CLASSES, dtype=np.float32)[
-      rng.randint(0, _CLASSES, (_STEPS, _BATCH))]
-  params = M.init_params(fwd, jax.random.PRNGKey(0),
-                         jnp.asarray(images[0, :1]))
-  cfg = optim.default_optim_config()  # AGC, weight decay, Nesterov momentum
-  cfg.warmup_epochs = 0.0
-  cfg.ema_decay = 0.9  # an EMA that visibly moves in 3 steps
-  cfg.agc_clipping = 0.005  # small enough that AGC clips some units
-  tx, _ = optim.make_optimizer(cfg, batch_size=_BATCH, steps_per_epoch=10,
-                               total_steps=100)
-  train = step_lib.make_train_step(fwd, tx, ema_decay=cfg.ema_decay,
-                                   grad_accum_steps=2, agc_stats=True)
-  return fwd, tx, params, images, labels, train
-
-
-@functools.lru_cache(maxsize=None)
-def _run(fsdp_on):
-  """3 steps; (host state, metrics per step, the device state's specs)."""
-  _, tx, params, images, labels, train = _setup()
-  dp = _dp(fsdp_on)
-  state = dp.put_state(state_lib.create(params, tx))
-  step = dp.train_step(train)
-  rng = np.asarray(jax.random.PRNGKey(1))
-  metrics = []
-  for i in range(_STEPS):
-    state, m = step(state, dp.put_batch_now(
-        {'images': images[i], 'labels': labels[i]}), rng)
-    metrics.append(dp.fetch(m))
-  specs = jax.tree.map(lambda x: x.sharding.spec, state)
-  return dp.get_state(state), metrics, specs
 
 
 def test_fsdp_step_equals_replicated_step():
   """Stochastic depth, dropout, AGC, EMA, accumulation k=2: after 3 steps
   the same params, momentum, EMA and metrics (rtol 1e-5)."""
-  ref, ref_metrics, _ = _run(False)
-  got, metrics, specs = _run(True)
-  params = _setup()[2]
-  assert int(got.step) == _STEPS and int(got.nonfinite) == 0
+  ref, ref_metrics = tiny_steps.run('jit')[:2]
+  got, metrics, shardings, _ = tiny_steps.run('fsdp')
+  specs = jax.tree.map(lambda s: s.spec, shardings)
+  params = tiny_steps.setup()[2]
+  assert int(got.step) == tiny_steps.STEPS and int(got.nonfinite) == 0
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), ref.ema_params,
                        params)
   assert max(jax.tree.leaves(moved)) > 1e-3  # the EMA did move
@@ -120,8 +70,8 @@ def test_sam_step_equals_its_definition_on_every_layout():
   L(params) of the global batch, computed here on the host."""
   fwd = _tanh_linear()
   rng = np.random.RandomState(2)
-  images = rng.randn(_BATCH, 4, 4, 3).astype(np.float32)
-  labels = np.eye(8, dtype=np.float32)[rng.randint(0, 8, _BATCH)]
+  images = rng.randn(tiny_steps.BATCH, 4, 4, 3).astype(np.float32)
+  labels = np.eye(8, dtype=np.float32)[rng.randint(0, 8, tiny_steps.BATCH)]
   params = jax.tree.map(np.asarray, fwd.init(jax.random.PRNGKey(0),
                                              images[:1], True))
   lr, rho = 0.5, 0.3
@@ -181,34 +131,14 @@ def test_fsdp_tree_sum_counts_replicated_leaves_once():
                              rtol=1e-6)
 
 
-def _peak_bytes(dp, fwd, tx, batch, size):
-  """XLA's per-device peak of the compiled train step: arguments + outputs
-  + temporaries - aliased (donated) bytes."""
-  train = step_lib.make_train_step(fwd, tx, ema_decay=0.999)
-  state = jax.eval_shape(lambda r, x: state_lib.create(fwd.init(r, x, True),
-                                                       tx),
-                         jax.random.PRNGKey(0),
-                         jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
-  host_batch = {
-      'images': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
-      'labels': jax.ShapeDtypeStruct((batch, 1000), jnp.float32)}
-  ma = dp.train_step(train).lower(
-      dp.abstract_state(state), dp.abstract_batch(host_batch),
-      jax.ShapeDtypeStruct((2,), jnp.uint32)).compile().memory_analysis()
-  return (ma.argument_size_in_bytes + ma.output_size_in_bytes +
-          ma.temp_size_in_bytes - ma.alias_size_in_bytes)
-
-
 def test_fsdp_halves_the_step_peak_memory():
-  """F0 with one block per stage at 64 px, batch 1 per device, compile only:
-  the FSDP step's per-device peak is at most half the replicated step's
+  """The FSDP step's per-device peak is at most half the replicated step's
   (the state, gradients and optimizer work are 1/devices; the gathered,
-  standardised kernels are the one full-size copy)."""
-  fwd = M.forward_fn('F0', num_classes=1000, depth=(1, 1, 1, 1))
-  tx, _ = optim.make_optimizer(None, batch_size=8, steps_per_epoch=10,
-                               total_steps=100)
-  replicated = _peak_bytes(_dp_config(False), fwd, tx, 8, 64)
-  sharded = _peak_bytes(_dp_config(True), fwd, tx, 8, 64)
+  standardised kernels are the one full-size copy): the executables of
+  test_fsdp_step_equals_replicated_step. Figures at full size: scripts/
+  benchmark.py --backend jit --fsdp --compile_only (docs/benchmarking.md)."""
+  replicated = tiny_steps.run('jit').peak_bytes
+  sharded = tiny_steps.run('fsdp').peak_bytes
   assert sharded <= 0.5 * replicated, (sharded, replicated)
 
 

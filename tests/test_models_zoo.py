@@ -2,6 +2,7 @@
 forward/backward of every variant."""
 import re
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +92,9 @@ def test_forward_tiny(name):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   params = jax.jit(fwd.init, static_argnums=2)(jax.random.PRNGKey(1), x, True)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(params))
+  # param_shapes (which skips the initialisers) describes the same tree.
+  assert jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                      params) == M.param_shapes(name, 7, **_tiny(name))
   apply = jax.jit(fwd.apply, static_argnums=3)
   out_eval = apply(params, None, x, False)
   out_train = apply(params, jax.random.PRNGKey(2), x, True)
@@ -107,12 +111,22 @@ def test_forward_tiny(name):
     'name', [v for v in M.variants() if not v.startswith('F')])
 def test_every_variant_traces_at_full_size(name):
   """Every NF-ResNet/NF-RegNet row traces at full size at a tiny resolution
-  (F-rows are traced at full size by the count tests)."""
-  fwd = M.forward_fn(name, num_classes=10)
-  params = M.param_shapes(name, 10)
+  (F-rows are traced at full size by the count tests): bf16 images, float32
+  logits and parameters. One trace, the initialisation's forward pass, with
+  zeros for the initialisers (tracing those is not the point here)."""
+  logits = []
+
+  def forward(images):
+    zeros = lambda next_creator, shape, dtype, init, context: next_creator(
+        shape, dtype, jnp.zeros)
+    with hk.custom_creator(zeros):
+      out = M.build(name, num_classes=10)(images, False)['logits']
+    logits.append(jax.ShapeDtypeStruct(out.shape, out.dtype))
+
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.bfloat16)
-  out = jax.eval_shape(lambda p, x: fwd.apply(p, None, x, False), params, x)
-  assert out['logits'].shape == (2, 10) and out['logits'].dtype == jnp.float32
+  params = jax.eval_shape(hk.transform(forward).init, jax.random.PRNGKey(0), x)
+  assert logits == [jax.ShapeDtypeStruct((2, 10), jnp.float32)]
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(params))
 
 
 def test_full_f0_forward_and_gradients():

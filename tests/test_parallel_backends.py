@@ -1,27 +1,21 @@
 """The device seam (nfnets.training.parallel): 'jit' (+ FSDP) against 'pmap'
 on 8 fake CPU devices, tiny models, a few steps."""
-import functools
-
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-import nfnets.models as M
-from nfnets import optim
 from nfnets.training import parallel
 from nfnets.training import parallel_jit
 from nfnets.training import setup as setup_lib
 from nfnets.training import state as state_lib
 from nfnets.training import step as step_lib
 
-# The model, data and optimizer of tests/test_fsdp.py (which runs first): the
-# same compiled 'jit' step, served by the session's persistent compilation
-# cache. Stochastic depth and dropout on: the per-device rngs must match.
-_TINY = dict(width=0.0625, depth=(1, 1, 1, 1), group_size=8, drop_rate=0.2,
-             stochdepth_rate=0.1)
-_BATCH, _CLASSES, _SIZE, _STEPS = 16, 16, 16, 3
+import tiny_steps
+
+# tests/tiny_steps.py's model, data and step (shared with tests/test_fsdp.py,
+# which runs first: its 'jit' run is the one compared here).
+_BATCH, _CLASSES = tiny_steps.BATCH, tiny_steps.CLASSES
 
 
 def _dp(backend, fsdp=False, min_shard_size=None, **kwargs):
@@ -31,56 +25,18 @@ def _dp(backend, fsdp=False, min_shard_size=None, **kwargs):
       dict(backend=backend, fsdp=fsdp)), **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
-def _setup(classes=_CLASSES, width=_TINY['width']):
-  fwd = M.forward_fn('F0', num_classes=classes, **dict(_TINY, width=width))
-  rng = np.random.RandomState(0)
-  images = rng.randn(_STEPS, _BATCH, _SIZE, _SIZE, 3).astype(np.float32)
-  labels = np.eye(classes, dtype=np.float32)[
-      rng.randint(0, classes, (_STEPS, _BATCH))]
-  params = M.init_params(fwd, jax.random.PRNGKey(0),
-                         jnp.asarray(images[0, :1]))
-  cfg = optim.default_optim_config()  # AGC, weight decay, Nesterov momentum
-  cfg.warmup_epochs = 0.0
-  cfg.ema_decay = 0.9  # an EMA that visibly moves in 3 steps
-  cfg.agc_clipping = 0.005  # small enough that AGC clips some units
-  tx, _ = optim.make_optimizer(cfg, batch_size=_BATCH, steps_per_epoch=10,
-                               total_steps=100)
-  train = step_lib.make_train_step(fwd, tx, ema_decay=cfg.ema_decay,
-                                   grad_accum_steps=2, agc_stats=True)
-  return fwd, tx, params, images, labels, train
-
-
-def _train(dp, steps=_STEPS):
-  """`steps` steps through the seam; (host state, per-step losses, device
-  state)."""
-  _, tx, params, images, labels, train = _setup()
-  state = dp.put_state(state_lib.create(params, tx))
-  step = dp.train_step(train)
-  rng = np.asarray(jax.random.PRNGKey(1))
-  host_batches = ({'images': images[i], 'labels': labels[i]}
-                  for i in range(steps))
-  losses = []
-  for batch in dp.put_batch(host_batches, size=2):
-    state, metrics = step(state, batch, rng)
-    losses.append(float(dp.fetch(metrics)['loss']))
-  return dp.get_state(state), losses, state
-
-
-@functools.lru_cache(maxsize=None)
-def _reference():
-  return _train(_dp('pmap'))[:2]
-
-
 def _assert_close(a, b, rtol=1e-5, atol=1e-7):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol,
                                                        atol=atol), a, b)
 
 
 def test_jit_equals_pmap_after_three_steps():
-  (ref, ref_losses), params = _reference(), _setup()[2]
-  got, losses, dev_state = _train(_dp('jit'))
-  assert int(got.step) == int(ref.step) == _STEPS
+  ref, ref_metrics = tiny_steps.run('pmap')[:2]
+  got, metrics, shardings, _ = tiny_steps.run('jit')
+  params = tiny_steps.setup()[2]
+  losses = [float(m['loss']) for m in metrics]
+  ref_losses = [float(m['loss']) for m in ref_metrics]
+  assert int(got.step) == int(ref.step) == tiny_steps.STEPS
   assert int(got.nonfinite) == 0
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), ref.ema_params,
                        params)
@@ -90,15 +46,14 @@ def test_jit_equals_pmap_after_three_steps():
   _assert_close(got.ema_params, ref.ema_params)
   _assert_close(got.opt_state, ref.opt_state)
   # 'jit' keeps one replicated global array per leaf over all 8 devices.
-  leaf = jax.tree.leaves(dev_state.params)[0]
-  assert leaf.shape == jax.tree.leaves(ref.params)[0].shape
-  assert len(leaf.sharding.device_set) == 8 and leaf.sharding.is_fully_replicated
+  for sharding in jax.tree.leaves(shardings.params):
+    assert len(sharding.device_set) == 8 and sharding.is_fully_replicated
 
 
 def test_fsdp_state_bytes_per_device():
   """A model whose state is mostly in leaves with an axis divisible by 8:
   each device holds at most 1/8 (+5%) of the replicated state's bytes."""
-  _, tx, params, _, _, _ = _setup(classes=1000, width=0.5)
+  _, tx, params, _, _, _ = tiny_steps.setup(classes=1000, width=0.5)
   host = state_lib.create(params, tx)
   replicated = _dp('jit').put_state(host)
   sharded = _dp('jit', fsdp=True).put_state(host)
@@ -111,7 +66,7 @@ def test_fsdp_state_bytes_per_device():
 
 
 def test_eval_step_sums_over_devices_like_pmap():
-  fwd, _, params, images, _, _ = _setup()
+  fwd, _, params, images, _, _ = tiny_steps.setup()
   ids = np.arange(_BATCH) % _CLASSES
   mask = (np.arange(_BATCH) < 11).astype(np.float32)
   batch = {'images': images[0], 'labels': ids.astype(np.int32), 'mask': mask}

@@ -191,52 +191,55 @@ def test_sigterm_then_kill_then_resume_is_bit_exact(uninterrupted,
   _assert_equal(_state(run['workdir']), _state(uninterrupted['fsdp']))
 
 
-def _worker(workdir, nproc, pid, port, ndev, emulate, backend):
+def _worker(workdir, nproc, pid, port, ndev, backend):
   return background.popen(
       [sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'),
-       workdir, str(nproc), str(pid), str(port), str(ndev), str(emulate),
-       backend], env=background.env(PYTHONPATH=REPO))
+       workdir, str(nproc), str(pid), str(port), str(ndev), backend],
+      env=background.env(PYTHONPATH=REPO))
 
 
 @background.job
-def worker_trio(tmp):
-  """(multi, single, [(worker, its output)]): 2 processes x 2 devices train
-  into `multi`, 1 process x 4 devices reading the same global batches into
-  `single`, each under pmap then jit + FSDP (one start-up)."""
+def worker_pair(tmp):
+  """(workdir, [(worker, its output)]): 2 processes x 4 devices train the
+  shared runs' config into workdir, under pmap then jit + FSDP (one
+  start-up)."""
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  multi, single = str(tmp / 'multi'), str(tmp / 'single')
-  procs = [_worker(multi, 2, i, port, 2, 0, 'pmap,fsdp') for i in range(2)]
-  procs.append(_worker(single, 1, 0, 0, 4, 2, 'pmap,fsdp'))
+  workdir = str(tmp / 'multi')
+  ndev = 8 // train_utils.HOSTS
+  procs = [_worker(workdir, train_utils.HOSTS, i, port, ndev, 'pmap,fsdp')
+           for i in range(train_utils.HOSTS)]
   try:
     outs = [p.communicate(timeout=1200)[0] for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  return multi, single, list(zip(procs, outs))
+  return workdir, list(zip(procs, outs))
 
 
-def test_two_processes_equal_one_process(worker_trio):
-  """2 processes x 2 devices train the same model as 1 process x 4 devices
-  reading the same global batches, under pmap and under jit + FSDP (the
-  state sharded across both processes, each writing its shards of the
-  checkpoint)."""
-  multi, single, runs = worker_trio
+def test_two_processes_equal_one_process(worker_pair, tiny_runs):
+  """2 processes x 4 devices, under pmap and under jit + FSDP (the state
+  sharded across both processes, each writing its shards of the
+  checkpoint), train the same model as 1 process x 8 devices reading the
+  same global batches (the shared run 'hosts' of the same config,
+  tests/conftest.py)."""
+  multi, runs = worker_pair
   for p, out in runs:
     assert p.returncode == 0, out[-3000:]
     assert 'BACKEND pmap Pmap replicated' in out, out[-3000:]
     assert 'BACKEND fsdp Jit fsdp' in out, out[-3000:]
     # Eval counted each of the 300 test examples once, on every process.
     assert 'EVAL pmap 300.0' in out and 'EVAL fsdp 300.0' in out, out[-3000:]
+  single = _state(tiny_runs['hosts'][0])
   for backend in ('pmap', 'fsdp'):
-    a = _state(os.path.join(multi, backend))
-    b = _state(os.path.join(single, backend))
-    assert int(a['step']) == int(b['step']) == 4
-    # Same data, same maths; only the all-reduce order differs (float32
-    # round-off, ~1e-6 on leaves whose values are ~1e-7, e.g. fresh biases).
-    _assert_close(a, b, rtol=1e-4, atol=1e-5)
+    multi_state = _state(os.path.join(multi, backend))
+    assert int(multi_state['step']) == int(single['step']) == TOTAL
+    # Same data, same maths; only the order of the gradient reductions
+    # differs (float32 round-off, ~1e-6 on leaves whose values are ~1e-7,
+    # e.g. fresh biases).
+    _assert_close(multi_state, single, rtol=1e-4, atol=1e-5)
   # restore_params reads the checkpoint sharded over devices of 2 processes
   # (devices this process does not have) as host numpy.
   fsdp_multi = os.path.join(multi, 'fsdp')

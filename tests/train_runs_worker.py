@@ -4,10 +4,13 @@ runs): one start-up (TensorFlow, JAX) instead of one per run.
   python tests/train_runs_worker.py RUNS_JSON
 
 RUNS_JSON: a list of {"workdir": DIR, "extra": {"parallel.backend": ...},
-"resume_from": CHECKPOINT_DIR or null}. Each run copies resume_from (a step
-directory of an earlier run) into DIR/checkpoints, then trains
-train_utils.tiny_config(extra=extra) into DIR with train_and_evaluate.
+"resume_from": CHECKPOINT_DIR or null, "hosts": N or null}. Each run copies
+resume_from (a step directory of an earlier run) into DIR/checkpoints, then
+trains train_utils.tiny_config(extra=extra) into DIR with train_and_evaluate,
+on the global batches of N hosts if "hosts" is given
+(train_utils.emulated_hosts).
 """
+import contextlib
 import json
 import os
 import shutil
@@ -26,8 +29,11 @@ def main():
       src = run['resume_from']
       shutil.copytree(src, os.path.join(run['workdir'], 'checkpoints',
                                         os.path.basename(src)))
-    train_and_evaluate(train_utils.tiny_config(extra=run['extra']),
-                       run['workdir'])
+    hosts = run.get('hosts')
+    with (train_utils.emulated_hosts(hosts) if hosts else
+          contextlib.nullcontext()):
+      train_and_evaluate(train_utils.tiny_config(extra=run['extra']),
+                         run['workdir'])
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
 """Helpers shared by the training tests: a tiny, fast config on digits."""
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +33,9 @@ RESUMES = {  # name: (the run resumed, under which backend)
     'fsdp_to_pmap': ('fsdp', PMAP),
     'pmap_to_pmap': ('pmap', PMAP),
 }
+# The shared run 'hosts': pmap on the global batches of HOSTS hosts, the
+# reference of the multi-process runs (tests/test_train_scale.py).
+HOSTS = 2
 
 
 def tiny_overrides(num_steps=TOTAL, batch_size=16):
@@ -97,3 +101,29 @@ def final_eval(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     evals = [r for r in map(json.loads, f) if 'eval/count' in r]
   return evals[-1]
+
+
+@contextlib.contextmanager
+def emulated_hosts(hosts):
+  """Within: nfnets.data.create_train_iterator yields the concatenation of
+  what `hosts` hosts would each read, so one process trains on exactly the
+  global batches of a `hosts`-process run (same global batch size)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from nfnets import data  # pylint: disable=g-import-not-at-top
+  single_host = data.create_train_iterator
+
+  def create_train_iterator(cfg, *, global_batch_size, seed, start_step=0,
+                            source=None):
+    its = [single_host(cfg, global_batch_size=global_batch_size, seed=seed,
+                       start_step=start_step, process_index=i,
+                       process_count=hosts, source=source)
+           for i in range(hosts)]
+    while True:
+      parts = [next(it) for it in its]
+      yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  data.create_train_iterator = create_train_iterator
+  try:
+    yield
+  finally:
+    data.create_train_iterator = single_host

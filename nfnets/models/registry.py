@@ -127,10 +127,19 @@ def param_shapes(name: str, num_classes: int = 1000, image_size: int = 32,
           for module, leaves in _remembered_param_shapes(*key).items()}
 
 
+def _zeros_creator(next_creator, shape, dtype, init, context):
+  """Every parameter as zeros: only shapes and dtypes are wanted, and tracing
+  the initialisers (truncated normals) is about half of a full-size trace."""
+  del init, context
+  return next_creator(shape, dtype, jnp.zeros)
+
+
 def _trace_param_shapes(name, num_classes, image_size, overrides):
-  fwd = forward_fn(name, num_classes, **dict(overrides))
+  def init_shapes(images):
+    with hk.custom_creator(_zeros_creator):
+      return build(name, num_classes, **dict(overrides))(images, False)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  return jax.eval_shape(lambda k, x: fwd.init(k, x, False),
+  return jax.eval_shape(hk.transform(init_shapes).init,
                         jax.random.PRNGKey(0), x)
 
 
