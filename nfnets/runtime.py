@@ -33,15 +33,23 @@ Nothing is changed when an accelerator plugin is installed or JAX_PLATFORMS
 names another platform first (device memory is not host malloc), when the
 backend is already running, or when ``NFNETS_CPU_TUNING=0``; the malloc
 half is skipped on non-glibc systems.
+
+Entry points also call :func:`keep_tensorflow_off_accelerators`, which
+imports TensorFlow (the input pipeline's) without its native start-up
+notices (:func:`native_info_hidden`).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import importlib.util
 import logging
 import os
 import platform
+import re
+import sys
+import tempfile
 from typing import Dict
 
 ENV_SWITCH = 'NFNETS_CPU_TUNING'
@@ -116,8 +124,46 @@ def keep_tensorflow_off_accelerators() -> None:
   host (a GPU build of TF would otherwise reserve GPU memory that JAX needs).
   Process-wide: entry points call it (`python -m nfnets.train`,
   scripts/eval.py), before the input pipeline starts."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with native_info_hidden():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     tf.config.set_visible_devices([], 'GPU')
   except (RuntimeError, ValueError):  # Already initialised / no such device.
     pass
+
+
+# Native (C++) INFO lines: glog/absl format 'I1203 07:14:16.1 ...', and
+# absl's notice that precedes the first of them.
+_NATIVE_INFO = re.compile(r'^I\d{4} |^WARNING: All log messages before '
+                          r'absl::InitializeLog\(\) is called')
+
+
+@contextlib.contextmanager
+def native_info_hidden(hide: bool = True):
+  """Drops native INFO lines written to stderr (fd 2) inside the block and
+  passes everything else through afterwards (with hide=False: nothing).
+
+  TensorFlow 2.21 prints its oneDNN notice at import through absl C++
+  logging, which ignores TF_CPP_MIN_LOG_LEVEL; this is the only way to keep
+  it off the console without changing TensorFlow's numerics.
+  """
+  if not hide:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode='w+b') as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      text = capture.read().decode('utf-8', 'replace')
+      kept = [l for l in text.splitlines(keepends=True)
+              if not _NATIVE_INFO.match(l)]
+      if kept:
+        sys.stderr.write(''.join(kept))
+        sys.stderr.flush()

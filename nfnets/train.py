@@ -14,12 +14,10 @@ errors; --config.train.log_level=info brings back the libraries' INFO lines
 (orbax, tfds, TensorFlow start-up notices), =debug also full orbax
 tracebacks of a failed checkpoint save or restore.
 """
-import contextlib
 import logging as py_logging
 import os
 import re
 import sys
-import tempfile
 import traceback
 
 from absl import app
@@ -28,6 +26,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from nfnets import errors
+from nfnets import runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (configs/*.py).', lock_config=True)
@@ -86,41 +85,9 @@ def configure_console(log_level: str) -> None:
     handler.addFilter(LibraryFilter(LEVELS[log_level]))
 
 
-# Native (C++) INFO lines: glog/absl format 'I1203 07:14:16.1 ...', and
-# absl's notice that precedes the first of them.
-_NATIVE_INFO = re.compile(r'^I\d{4} |^WARNING: All log messages before '
-                          r'absl::InitializeLog\(\) is called')
-
-
-@contextlib.contextmanager
-def native_info_hidden(log_level: str):
-  """Drops native INFO lines written to stderr (fd 2) inside the block and
-  passes everything else through afterwards.
-
-  TensorFlow 2.21 prints its oneDNN notice at import through absl C++
-  logging, which ignores TF_CPP_MIN_LOG_LEVEL; this is the only way to keep
-  it off the console without changing TensorFlow's numerics.
-  """
-  if LEVELS[log_level] <= py_logging.INFO:
-    yield
-    return
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile(mode='w+b') as capture:
-    os.dup2(capture.fileno(), 2)
-    try:
-      yield
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      capture.seek(0)
-      text = capture.read().decode('utf-8', 'replace')
-      kept = [l for l in text.splitlines(keepends=True)
-              if not _NATIVE_INFO.match(l)]
-      if kept:
-        sys.stderr.write(''.join(kept))
-        sys.stderr.flush()
+def _hides_info(log_level: str) -> bool:
+  """Whether TensorFlow's native INFO notices are kept off the console."""
+  return LEVELS[log_level] > py_logging.INFO
 
 
 def report(error: BaseException, debug: bool) -> None:
@@ -192,7 +159,7 @@ def _dry_run(config) -> None:
   """Prints what `config` would run; JAX only traces, on the CPU."""
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_platforms', 'cpu')  # no accelerator is touched
-  with native_info_hidden(config.train.log_level):
+  with runtime.native_info_hidden(_hides_info(config.train.log_level)):
     import tensorflow  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
   from nfnets.training import dry_run  # pylint: disable=g-import-not-at-top
   print(dry_run.summary(config))
@@ -203,11 +170,10 @@ def _train(config, workdir: str) -> None:
   # Before JAX starts its backend: glibc reuses XLA:CPU's temporaries
   # instead of page-faulting them in every step, synchronous CPU dispatch
   # (nfnets/runtime.py).
-  from nfnets import runtime  # pylint: disable=g-import-not-at-top
   cpu_runtime = runtime.configure_cpu_runtime()
   # TensorFlow only feeds the input pipeline (kept off any accelerator);
   # imported here so that its start-up notices are filtered.
-  with native_info_hidden(config.train.log_level):
+  with runtime.native_info_hidden(_hides_info(config.train.log_level)):
     import tensorflow  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   runtime.keep_tensorflow_off_accelerators()

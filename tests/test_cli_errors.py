@@ -14,14 +14,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(tmp_path, *args):
-  """Runs `python -m nfnets.train ARGS` with an empty persistent XLA cache of
-  its own in tmp_path; returns (completed run, the cache's files)."""
+  """Runs `python -m nfnets.train ARGS` (or `python scripts/X.py ARGS` when
+  the first argument is that script) with an empty persistent XLA cache of
+  its own in tmp_path, and TensorFlow's C++ log level left to the command;
+  returns (completed run, the cache's files)."""
   cache = tmp_path / 'xla_cache'
   cache.mkdir()
   env = background.env(PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache),
                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  cmd = [sys.executable, '-m', 'nfnets.train', *args]
+  env.pop('TF_CPP_MIN_LOG_LEVEL', None)  # as a user's shell has it
+  script = args and args[0].startswith('scripts/')
+  cmd = [sys.executable, *(args if script else ('-m', 'nfnets.train', *args))]
   return background.run(cmd, timeout=300, cwd=REPO, env=env), list(
       cache.iterdir())
 
@@ -61,7 +65,9 @@ RUNS = dict(
     {case: args + ['--workdir={tmp}/w'] for case, (args, _) in CASES.items()},
     debug=[DEMO, '--config.train.batch_size=-4',
            '--config.train.log_level=debug', '--workdir={tmp}/w'],
-    dry_run=[DEMO, '--dry_run', '--workdir={tmp}/w'])
+    dry_run=[DEMO, '--dry_run', '--workdir={tmp}/w'],
+    # The scripts import TensorFlow before their first error can show.
+    eval_script=['scripts/eval.py', '--checkpoint={tmp}/F0.npz'])
 
 
 @background.job
@@ -91,6 +97,17 @@ def test_startup_mistake_is_one_line_exit_2(case, runs):
   assert CASES[case][1] in out, out
   assert 'Traceback' not in out and not compiled, (out, compiled)
   assert not (tmp / 'w').exists()
+
+
+def test_script_error_is_one_line_without_tensorflow_notices(runs):
+  """scripts/eval.py imports TensorFlow (to keep it off accelerators) before
+  it reads the checkpoint: TensorFlow's native start-up notices stay off the
+  console, and the mistake is one line, status 2."""
+  run = runs['eval_script'][1]
+  out = (run.stdout + run.stderr).strip()
+  assert run.returncode == 2, out[-3000:]
+  assert out.splitlines() == [out] and out.startswith('error: '), out[-3000:]
+  assert 'F0.npz' in out, out
 
 
 def test_debug_log_level_shows_the_traceback(runs):

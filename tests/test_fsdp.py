@@ -1,5 +1,6 @@
 """FSDP on the shards (nfnets.training.fsdp, the 'jit' backend with
-fsdp=True) against the replicated 'jit' step, 8 fake CPU devices."""
+fsdp=True) against the replicated 'jit' step, 8 fake CPU devices; the tiny
+runs compared are tests/tiny_steps.py's."""
 import functools
 
 import haiku as hk

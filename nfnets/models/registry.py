@@ -114,7 +114,7 @@ def param_shapes(name: str, num_classes: int = 1000, image_size: int = 32,
                  **overrides) -> Dict[str, Dict[str, jax.ShapeDtypeStruct]]:
   """The parameter tree's shapes, without materialising any weights.
 
-  Tracing a full-size model's initialisers takes seconds, and count_params,
+  Tracing a full-size model takes a second or more, and count_params,
   count_flops and the checkpoint loaders ask for the same trees: the last
   few are remembered (a fresh dict is returned each time).
   """
@@ -128,8 +128,8 @@ def param_shapes(name: str, num_classes: int = 1000, image_size: int = 32,
 
 
 def _zeros_creator(next_creator, shape, dtype, init, context):
-  """Every parameter as zeros: only shapes and dtypes are wanted, and tracing
-  the initialisers (truncated normals) is about half of a full-size trace."""
+  """Every parameter as zeros: only shapes and dtypes are wanted, and the
+  initialisers (truncated normals) are a large part of a full trace."""
   del init, context
   return next_creator(shape, dtype, jnp.zeros)
 
