@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import nfnets.models as M
+from nfnets.models import registry
 import release_trees
 from test_checkpoints_released import random_tree
 
@@ -117,9 +118,8 @@ def test_every_variant_traces_at_full_size(name):
   logits = []
 
   def forward(images):
-    zeros = lambda next_creator, shape, dtype, init, context: next_creator(
-        shape, dtype, jnp.zeros)
-    with hk.custom_creator(zeros):
+    # param_shapes' creator (zeros instead of the initialisers).
+    with hk.custom_creator(registry._zeros_creator):  # pylint: disable=protected-access
       out = M.build(name, num_classes=10)(images, False)['logits']
     logits.append(jax.ShapeDtypeStruct(out.shape, out.dtype))
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from nfnets.training import parallel
-from nfnets.training import parallel_jit
 from nfnets.training import setup as setup_lib
 from nfnets.training import state as state_lib
 from nfnets.training import step as step_lib
@@ -18,11 +17,9 @@ import tiny_steps
 _BATCH, _CLASSES = tiny_steps.BATCH, tiny_steps.CLASSES
 
 
-def _dp(backend, fsdp=False, min_shard_size=None, **kwargs):
-  if min_shard_size is not None:  # FSDP of a tiny model's small leaves
-    return parallel_jit.Jit(fsdp=fsdp, min_shard_size=min_shard_size)
+def _dp(backend, fsdp=False):
   return parallel.make(ml_collections.ConfigDict(
-      dict(backend=backend, fsdp=fsdp)), **kwargs)
+      dict(backend=backend, fsdp=fsdp)))
 
 
 def _assert_close(a, b, rtol=1e-5, atol=1e-7):
@@ -72,8 +69,7 @@ def test_eval_step_sums_over_devices_like_pmap():
   batch = {'images': images[0], 'labels': ids.astype(np.int32), 'mask': mask}
   sums = {}
   for backend in ('pmap', 'jit', 'fsdp'):
-    dp = _dp('jit', fsdp=True, min_shard_size=256) if backend == 'fsdp' \
-        else _dp(backend)
+    dp = tiny_steps.layout(backend)  # fsdp: the tiny model's kernels sharded
     totals = setup_lib.evaluate(dp, dp.eval_step(step_lib.make_eval_step(fwd)),
                                 dp.put_state(params), [batch, batch])
     sums[backend] = totals

@@ -207,7 +207,7 @@ def worker_pair(tmp):
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   workdir = str(tmp / 'multi')
-  ndev = 8 // train_utils.HOSTS
+  ndev = 8 // train_utils.HOSTS  # the shared runs' 8 devices, split
   procs = [_worker(workdir, train_utils.HOSTS, i, port, ndev, 'pmap,fsdp')
            for i in range(train_utils.HOSTS)]
   try:
